@@ -1,0 +1,111 @@
+"""The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+def _bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without a GPU the kernels run through the Triton interpreter, which must be chosen
+        # before triton is first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from fp8nemo import bench
+
+    start = time.perf_counter()
+    env, rows = bench.run_suite(args.suite, shapes=args.shape, ms=args.m)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, bench.result_stem(env, args.suite))
+    bench.write_csv(stem + ".csv", rows)
+    written = [stem + ".csv"]
+    if args.markdown:
+        with open(stem + ".md", "w") as f:
+            f.write(bench.format_markdown(env, rows))
+        written.append(stem + ".md")
+    if args.plot:
+        bench.plot(rows, stem + ".png")
+        written.append(stem + ".png")
+    print(bench.format_table(env, rows))
+    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f}s -> {', '.join(written)}")
+    bad = [r for r in rows if r.impl == "fp8nemo" and (r.rel_err is None or not r.rel_err < 0.1)]
+    if bad:
+        print(f"error: {len(bad)} fp8nemo rows failed their correctness check", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(args) -> int:
+    from fp8nemo import codegen
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("inspect compiles for a GPU; unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    done = []
+
+    def progress(row):
+        done.append(row)
+        if not args.json:
+            print(
+                f"\rcompiled {len(done)} kernels for {args.arch}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    start = time.perf_counter()
+    rows = codegen.inspect_kernels(args.arch, ops=args.op, jobs=args.jobs, progress=progress)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    else:
+        print(f" in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        print(codegen.format_table(rows))
+    bad = [r for r in rows if r["problems"]]
+    if bad:
+        print(f"{len(bad)} of {len(rows)} kernel configs have problems", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp8nemo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log tuning and setup")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="time kernels at NeMo-12B shapes beside torch baselines")
+    p.add_argument("--suite", default="gemm", choices=["gemm"])
+    p.add_argument("--out", default=".", help="directory for the CSV (and .md / .png)")
+    p.add_argument(
+        "--shape", action="append", help="only this layer (repeatable): qkv, o, gate_up, down"
+    )
+    p.add_argument("--m", type=int, action="append", help="only this token count (repeatable)")
+    p.add_argument("--markdown", action="store_true", help="also write a markdown table")
+    p.add_argument("--plot", action="store_true", help="also plot TFLOP/s (needs matplotlib)")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("inspect", help="compile every kernel config ahead of time; report codegen")
+    p.add_argument("--arch", default="sm_90", choices=["sm_90", "sm_89"])
+    p.add_argument("--op", action="append", help="only this op (repeatable)")
+    p.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""`fp8nemo inspect`: compile every kernel config ahead of time for a GPU architecture, on a
+machine without a GPU, and report registers, spilled bytes, shared memory and the MMA
+instructions in the SASS (read with the cuobjdump in Triton's wheel)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+ARCHS = {"sm_90": 90, "sm_89": 89}
+# Kernel files that list their configs through `aot_specs(cap)`.
+KERNEL_MODULES = ("fp8nemo.kernels.quantize", "fp8nemo.kernels.fp8_gemm")
+MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
+
+
+@dataclass
+class AotSpec:
+    """One kernel specialization to compile.
+
+    args maps every kernel argument to either a type string ("*fp8e4nv", "i32"; ":16" marks a
+    value divisible by 16, as the JIT specializes at run time) or a constexpr value.
+    """
+
+    op: str
+    kernel: object
+    config: str
+    args: dict
+    num_warps: int
+    num_stages: int
+    expect_mma: str | None = None  # the SASS must contain this MMA kind
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", str(self.kernel))
+
+
+def _is_type(value) -> bool:
+    return isinstance(value, str) and (
+        value.startswith("*") or value.split(":")[0] in ("i32", "i64")
+    )
+
+
+def _cuda_tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_spec(spec: AotSpec, cap: int) -> dict:
+    """Compile `spec` for compute capability `cap` and read its resources and SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fp8nemo.kernels._triton import COMPILE_OPTIONS
+
+    names = spec.kernel.arg_names
+    missing = set(names) ^ set(spec.args)
+    if missing:
+        raise ValueError(f"{spec.name}: aot spec arguments differ from the kernel's: {missing}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = spec.args[name]
+        if _is_type(value):
+            ty, _, div = value.partition(":")
+            signature[name] = ty
+            if div == "16":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+    src = triton.compiler.ASTSource(spec.kernel, signature, constexprs, attrs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [_cuda_tool("cuobjdump"), "-res-usage", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+    res = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    opcodes = Counter(
+        re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M)
+    )
+    mma = {kind: n for kind, n in sorted(opcodes.items()) if kind in MMA_KINDS}
+    row = {
+        "op": spec.op,
+        "kernel": spec.name,
+        "config": spec.config,
+        "arch": f"sm_{cap}",
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "registers": int(res.get("REG", -1)),
+        "spill_bytes": int(res.get("LOCAL", 0)),
+        "stack_bytes": int(res.get("STACK", 0)),
+        "local_loads_stores": opcodes["LDL"] + opcodes["STL"],
+        "shared_bytes": compiled.metadata.shared,
+        "mma": mma,
+    }
+    problems = []
+    if row["spill_bytes"] or row["local_loads_stores"]:
+        problems.append("spills to local memory")
+    if spec.expect_mma and not mma.get(spec.expect_mma):
+        problems.append(f"no {spec.expect_mma} in the SASS")
+    row["problems"] = problems
+    return row
+
+
+def collect_specs(cap: int, ops: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    """(module, index) of every spec for `cap`, so worker processes can rebuild them."""
+    found = []
+    for module in KERNEL_MODULES:
+        specs = importlib.import_module(module).aot_specs(cap)
+        found += [(module, i) for i, s in enumerate(specs) if ops is None or s.op in ops]
+    return found
+
+
+def _compile_one(job: tuple[str, int, int]) -> dict:
+    module, index, cap = job
+    spec = importlib.import_module(module).aot_specs(cap)[index]
+    try:
+        return compile_spec(spec, cap)
+    except Exception as err:  # one bad config must not hide the others' report
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return {
+            "op": spec.op,
+            "kernel": spec.name,
+            "config": spec.config,
+            "arch": f"sm_{cap}",
+            "problems": [f"compile failed: {first}"],
+        }
+
+
+def inspect_kernels(arch: str, ops=None, jobs: int | None = None, progress=None) -> list[dict]:
+    """Compile every kernel spec for `arch` ("sm_90" / "sm_89") and return one row per spec."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("inspect compiles for a GPU: unset TRITON_INTERPRET")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}; got {arch!r}")
+    cap = ARCHS[arch]
+    work = [(module, index, cap) for module, index in collect_specs(cap, ops)]
+    jobs = jobs or min(len(work), os.cpu_count() or 1)
+    rows = []
+    with ProcessPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        for row in pool.map(_compile_one, work):
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("op", "kernel", "config", "arch", "regs", "spill B", "smem B", "MMA", "status")
+    lines = [head]
+    for r in rows:
+        mma = " ".join(f"{k}x{v}" for k, v in r.get("mma", {}).items()) or "-"
+        status = "; ".join(r["problems"]) or "ok"
+        lines.append(
+            (
+                r["op"],
+                r["kernel"],
+                r["config"],
+                r["arch"],
+                str(r.get("registers", "?")),
+                str(r.get("spill_bytes", "?")),
+                str(r.get("shared_bytes", "?")),
+                mma,
+                status,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

@@ -1,0 +1,6 @@
+"""Triton kernels, one op per file, each registered as `torch.ops.fp8nemo.<name>`."""
+
+from .fp8_gemm import fp8_gemm
+from .quantize import quantize_fp8
+
+__all__ = ["fp8_gemm", "quantize_fp8"]

@@ -1,0 +1,255 @@
+"""Where and how the Triton kernels run: interpreter detection, the hardware check, launch configs
+and the autotuner every op shares."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger("fp8nemo")
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+# `triton.jit` returns an interpreted function when TRITON_INTERPRET was set at decoration time;
+# asking a decorated function is the one answer that cannot disagree with the kernels below.
+INTERPRET: bool = not isinstance(_probe_kernel, triton.runtime.JITFunction)
+
+# FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer.
+MIN_CAPABILITY = (8, 9)
+
+
+def _fix_interpreter_float_casts() -> None:
+    """Make the interpreter's float conversions round like the GPU does.
+
+    The interpreter converts between float formats with its own bit manipulation, which
+    truncates fp32 -> bf16, rounds the carry of fp8 mantissas into the wrong exponent, flushes
+    fp8 subnormals, turns NaN into 384 when narrowing to e4m3 and reads the e4m3 NaN code as 480.
+    The GPU converts with round-to-nearest-even and, for FP8, `cvt.rn.satfinite` (saturate,
+    NaN stays NaN). We route the conversions torch knows through torch with those semantics, so
+    the interpreter computes what the compiled kernel computes.
+    """
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._convert_float, "_fp8nemo", False):
+        return
+    original = interpreter._convert_float
+    torch_dtypes = {
+        tl.float32: torch.float32,
+        tl.float16: torch.float16,
+        tl.bfloat16: torch.bfloat16,
+        tl.float8e4nv: torch.float8_e4m3fn,
+        tl.float8e5: torch.float8_e5m2,
+    }
+    int_of_width = {
+        1: (np.int8, torch.int8),
+        2: (np.int16, torch.int16),
+        4: (np.int32, torch.int32),
+    }
+    rtz = interpreter._ir.ROUNDING_MODE.RTZ
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        src, dst = torch_dtypes.get(input_dtype), torch_dtypes.get(output_dtype)
+        if src is None or dst is None or rounding_mode == rtz:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        arr = np.ascontiguousarray(input)
+        np_in, torch_in = int_of_width[src.itemsize]
+        x = torch.from_numpy(arr.view(np_in).copy()).view(src).float()
+        if dst.itemsize == 1:
+            x = x.clamp(-torch.finfo(dst).max, torch.finfo(dst).max)  # satfinite; NaN stays NaN
+        np_out, torch_out = int_of_width[dst.itemsize]
+        out = x.to(dst).view(torch_out).numpy()
+        return out.view(np.dtype(f"uint{8 * dst.itemsize}")).reshape(arr.shape)
+
+    convert._fp8nemo = True
+    interpreter._convert_float = convert
+
+
+if INTERPRET:
+    _fix_interpreter_float_casts()
+
+
+@functools.cache
+def _check_capability(index: int) -> None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(index)
+        raise RuntimeError(
+            f"fp8nemo's FP8 kernels need FP8 tensor cores (compute capability 8.9 or 9.0+); "
+            f"cuda:{index} is {name} with capability {major}.{minor}. Use the fp16 reference "
+            f"backend on this GPU, or an Ada/Hopper GPU (L4, L40S, RTX 4090, H100, H200)."
+        )
+    logger.info("fp8nemo: cuda:%d has compute capability %d.%d", index, major, minor)
+
+
+def use_triton(device: torch.device, op: str) -> bool:
+    """True when `op` runs its Triton kernel on `device`, False for the torch reference path.
+
+    CUDA always runs the compiled kernel (never a silent fallback); CPU runs the same kernel
+    through the interpreter when TRITON_INTERPRET=1, otherwise the torch emulation.
+    """
+    if INTERPRET:
+        return True
+    if device.type == "cuda":
+        _check_capability(device.index if device.index is not None else torch.cuda.current_device())
+        return True
+    _warn_torch_path(op)
+    return False
+
+
+@functools.cache
+def _warn_torch_path(op: str) -> None:
+    logger.warning(
+        "fp8nemo: %s on CPU runs the torch emulation of the FP8 numerics; set TRITON_INTERPRET=1 "
+        "before importing triton to run the Triton kernel through the interpreter instead",
+        op,
+    )
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability configs are chosen for; the interpreter reports (0, 0)."""
+    if INTERPRET or device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass
+class KernelConfig:
+    """One launch configuration: named meta-parameters plus warps and pipeline stages."""
+
+    name: str
+    meta: dict[str, int] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for a row count: the next power of two, so decode batches of 3 and 4
+    share one tuning (torchao's M_BUCKET)."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+class Autotuner:
+    """Times each candidate config once per key and remembers the fastest.
+
+    Unlike `triton.autotune`, it times a whole launch (a split-K GEMM includes its reduction)
+    and lets the launcher choose among configs that need different buffers. The interpreter,
+    a capturing CUDA graph and FP8NEMO_AUTOTUNE=0 take the first candidate without timing.
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+        self.cache: dict[tuple, KernelConfig] = {}
+
+    def choose(
+        self,
+        key: tuple,
+        candidates: Sequence[KernelConfig],
+        launch: Callable[[KernelConfig], object],
+    ) -> KernelConfig:
+        if not candidates:
+            raise RuntimeError(f"{self.op}: no launch config fits key {key}")
+        if key in self.cache:
+            return self.cache[key]
+        if len(candidates) == 1 or INTERPRET or os.environ.get("FP8NEMO_AUTOTUNE", "1") == "0":
+            return candidates[0]
+        if torch.cuda.is_current_stream_capturing():
+            logger.warning(
+                "fp8nemo: %s key %s was not tuned before CUDA graph capture; using %s",
+                self.op,
+                key,
+                candidates[0],
+            )
+            return candidates[0]
+        times = {}
+        for config in candidates:
+            try:
+                times[config.name] = triton.testing.do_bench(
+                    lambda config=config: launch(config), warmup=10, rep=40, return_mode="median"
+                )
+            except triton.runtime.errors.OutOfResources as err:
+                logger.info("fp8nemo: %s config %s skipped: %s", self.op, config, err)
+        if not times:
+            raise RuntimeError(f"{self.op}: every launch config ran out of resources for {key}")
+        best = min(candidates, key=lambda c: times.get(c.name, float("inf")))
+        logger.info(
+            "fp8nemo: %s tuned %s -> %s (%.1f us)", self.op, key, best, times[best.name] * 1e3
+        )
+        self.cache[key] = best
+        return best
+
+
+# One library fragment per namespace; every op file registers into it.
+LIBRARY = torch.library.Library("fp8nemo", "FRAGMENT")
+
+
+def register_op(schema: str, impl: Callable, fake: Callable) -> None:
+    """Define `fp8nemo::<schema>` with one implementation for CPU and CUDA and a fake for
+    tracing. The implementation validates its inputs and picks the Triton or torch path."""
+    name = schema.split("(", 1)[0]
+    LIBRARY.define(schema)
+    LIBRARY.impl(name, impl, "CPU")
+    LIBRARY.impl(name, impl, "CUDA")
+    torch.library.register_fake(f"fp8nemo::{name}", fake, lib=LIBRARY)
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(
+    name: str, t: object, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None
+) -> torch.Tensor:
+    """TypeError/ValueError naming `name` unless `t` is a tensor of an allowed dtype and rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {dtype_names(dtypes)}; got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {list(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one CUDA or CPU device (meta for shape propagation); returns it."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    device = first.device
+    if device.type not in ("cuda", "cpu", "meta"):
+        raise ValueError(
+            f"{first_name} is on {device}; fp8nemo runs on CUDA (compiled Triton kernels) or CPU "
+            f"(Triton interpreter or torch emulation)"
+        )
+    for name, t in named[1:]:
+        if t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {device}; "
+                f"all tensors must be on one device"
+            )
+    return device
+
+
+# Passed to every launch: FMA contraction stays on whatever Triton's default becomes (3.9 warns
+# that 3.10 turns it off), so compiled numerics don't change under a Triton upgrade.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}

@@ -1,0 +1,457 @@
+"""FP8 GEMM `(a * a_scale) @ (b * b_scale).T + bias` with per-tensor, per-token x per-channel and
+1x128 x 128x128 block scales, fp32 accumulation. Registered as `torch.ops.fp8nemo.fp8_gemm`.
+
+Shapes (the kernel computes C[m, n] = sum_k A[m, k] B[n, k]):
+    a        [M, K]  e4m3, unit stride along K       b        [N, K]  e4m3 (nn.Linear weight)
+    a_scale  [] / [1] tensor, [M, 1] token, [M, ceil(K/128)] group
+    b_scale  [] / [1] tensor, [N, 1] channel, [ceil(N/128), ceil(K/128)] block
+    bias     [N]     out  [M, N] bf16 / fp16 / fp32
+
+Decode (M <= 64) swaps the operands: the weight fills the MMA's 64-row side, the few tokens its
+narrow side, and the kernel writes C transposed (swap-AB). Split-K programs write fp32 partials
+that one small kernel sums in a fixed order (deterministic), adding the bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8nemo.quant import fp8 as fp8_ref
+
+from ._triton import (
+    COMPILE_OPTIONS,
+    Autotuner,
+    KernelConfig,
+    capability,
+    check_same_device,
+    check_tensor,
+    m_bucket,
+    num_sms,
+    register_op,
+    use_triton,
+)
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALE_BLOCK = fp8_ref.BLOCK
+SMALL_M = 64  # at or below: swap-AB configs
+# (a_scale kind, b_scale kind) pairs, in the order an ambiguous shape is resolved.
+SCALE_PAIRS = (
+    ("tensor", "tensor"),
+    ("tensor", "channel"),
+    ("token", "tensor"),
+    ("token", "channel"),
+    ("group", "block"),
+)
+
+
+def _config(name, bm, bn, bk, warps, stages, split=1, swap=False, group_m=8):
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=group_m, SWAP=swap)
+    return KernelConfig(name, meta, warps, stages)
+
+
+# Tile shapes are written in the kernel's orientation: for swap-AB configs BLOCK_M tiles the
+# weight's rows and BLOCK_N the tokens (0 = the token count's bucket, at least 16).
+HOPPER_CONFIGS = [
+    _config("h128x256x128w8s3", 128, 256, 128, 8, 3),
+    _config("h256x128x128w8s3", 256, 128, 128, 8, 3),
+    _config("h128x128x128w8s4", 128, 128, 128, 8, 4),
+    _config("h128x128x128w4s4", 128, 128, 128, 4, 4),
+    _config("h64x128x128w4s5", 64, 128, 128, 4, 5),
+    _config("h128x128x128w8s4k2", 128, 128, 128, 8, 4, split=2),
+    _config("h64x128x128w4s5k4", 64, 128, 128, 4, 5, split=4),
+    # decode, swap-AB
+    _config("h128xMx128w4s6swap", 128, 0, 128, 4, 6, swap=True),
+    _config("h64xMx128w4s8swap", 64, 0, 128, 4, 8, swap=True),
+    _config("h64xMx256w4s4swap", 64, 0, 256, 4, 4, swap=True),
+    _config("h64xMx128w4s8k2swap", 64, 0, 128, 4, 8, split=2, swap=True),
+    _config("h64xMx128w4s8k4swap", 64, 0, 128, 4, 8, split=4, swap=True),
+    _config("h128xMx128w4s6k4swap", 128, 0, 128, 4, 6, split=4, swap=True),
+    _config("h64xMx128w4s8k8swap", 64, 0, 128, 4, 8, split=8, swap=True),
+]
+# Ada has ~100 KB of shared memory per SM and no wgmma: smaller tiles, fewer stages.
+ADA_CONFIGS = [
+    _config("a128x128x128w8s2", 128, 128, 128, 8, 2),
+    _config("a128x64x128w4s3", 128, 64, 128, 4, 3),
+    _config("a64x128x128w4s3", 64, 128, 128, 4, 3),
+    _config("a64x64x128w4s4", 64, 64, 128, 4, 4),
+    _config("a64x64x128w4s4k4", 64, 64, 128, 4, 4, split=4),
+    _config("a64xMx128w4s4swap", 64, 0, 128, 4, 4, swap=True),
+    _config("a64xMx128w4s4k4swap", 64, 0, 128, 4, 4, split=4, swap=True),
+]
+# The interpreter pays per program, so its default tiles are large; tests pick others explicitly.
+INTERPRETER_CONFIGS = [
+    _config("i64x64x128", 64, 64, 128, 4, 1),
+    _config("i64xMx128k2swap", 64, 0, 128, 4, 1, split=2, swap=True),
+    _config("i64xMx128swap", 64, 0, 128, 4, 1, swap=True),
+]
+
+
+def configs_for(cap: tuple[int, int]) -> list[KernelConfig]:
+    if cap == (0, 0):
+        return INTERPRETER_CONFIGS
+    return HOPPER_CONFIGS if cap >= (9, 0) else ADA_CONFIGS
+
+
+def fits(config, block_scaled, block_n):
+    """Whether `config` can run a scheme at all: block scales need BLOCK_K = 128 (the scale
+    block) and room for two fp32 tiles (accumulator + per-block partial) in 128 registers per
+    thread."""
+    bm, bk = config.meta["BLOCK_M"], config.meta["BLOCK_K"]
+    return not block_scaled or (
+        bk == SCALE_BLOCK and 2 * bm * block_n <= 128 * 32 * config.num_warps
+    )
+
+
+def prune_configs(configs, M, N, K, block_scaled, sms):
+    """The configs worth timing for this problem, in preference order: swap-AB exactly when
+    M <= 64 (its token tile is M's bucket, at least 16), split-K only while the output tiles
+    leave SMs idle and each split keeps at least two K-tiles."""
+    small = M <= SMALL_M
+    kept = []
+    for c in configs:
+        bm, bn, bk, split = (c.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        if c.meta["SWAP"] != small:
+            continue
+        if c.meta["SWAP"]:
+            bn = max(16, m_bucket(M))
+            tiles = triton.cdiv(N, bm) * triton.cdiv(M, bn)
+        else:
+            tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        if not fits(c, block_scaled, bn):
+            continue
+        if split > 1 and (tiles >= sms or triton.cdiv(K, bk) < 2 * split):
+            continue
+        kept.append(KernelConfig(c.name, {**c.meta, "BLOCK_N": bn}, c.num_warps, c.num_stages))
+    return kept
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_cm, stride_cn, stride_cs,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr,  # group x block scales, applied per K-tile; else row scales
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,  # rows sharing one scale row: 1 or 128
+    BIAS: tl.constexpr,  # 0: none, 1: along M (swap-AB), 2: along N
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # a: [M, K] e4m3, b: [N, K] e4m3, both unit stride along K.
+    # c: [M, N] at (stride_cm, stride_cn), or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1.
+    # Row scales: a_scale[m // A_SCALE_ROWS * stride_asm] (stride 0 = per tensor).
+    # Block scales: a_scale[m, kt] and b_scale[n // 128, kt] for K-tile kt (BLOCK_K = 128).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles in a row reuse each B tile from L2.
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past the edge wrap onto valid rows: the loads need no mask, the store has one.
+    rows_a = (offs_m % M).to(tl.int64)
+    rows_b = (offs_n % N).to(tl.int64)
+    a_scale_ptrs = a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm
+    b_scale_ptrs = b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    split_tiles = tl.cdiv(k_tiles, SPLIT_K)
+    kt_start = pid_k * split_tiles
+    kt_end = min(kt_start + split_tiles, k_tiles)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kt_start * BLOCK_K + offs_k)[None, :]
+    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kt_start * BLOCK_K + offs_k)[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(kt_start, kt_end):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+        if BLOCK_SCALED:
+            # Promote each K-block into the fp32 accumulator: Hopper's FP8 MMA accumulates
+            # in fewer than 32 bits, and each block has its own scales anyway.
+            a_s = tl.load(a_scale_ptrs + kt * stride_ask)
+            b_s = tl.load(b_scale_ptrs + kt * stride_bsk)
+            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if not BLOCK_SCALED:
+        acc *= tl.load(a_scale_ptrs)[:, None] * tl.load(b_scale_ptrs)[None, :]
+
+    offs_m = offs_m.to(tl.int64)
+    offs_n = offs_n.to(tl.int64)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K > 1:
+        tl.store(c_ptrs + pid_k * stride_cs, acc, mask=c_mask)
+    else:
+        if BIAS == 1:
+            acc += tl.load(bias_ptr + rows_a).to(tl.float32)[:, None]
+        elif BIAS == 2:
+            acc += tl.load(bias_ptr + rows_b).to(tl.float32)[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    partial_ptr, c_ptr, bias_ptr,
+    numel, N,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # partial: [SPLIT_K, M, N] fp32 contiguous; c: [M, N] contiguous; bias: [N]
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+REDUCE_BLOCK = 1024
+
+
+def _scale_kinds(scale, rows, K, row_kind, block_kind, block_rows):
+    """The scale granularities whose shape `scale` has, for an operand of `rows` x K."""
+    shape = tuple(scale.shape)
+    kinds = []
+    if scale.numel() == 1 and scale.dim() <= 1:
+        kinds.append("tensor")
+    if shape == (rows, 1):
+        kinds.append(row_kind)
+    if shape == (math.ceil(rows / block_rows), math.ceil(K / SCALE_BLOCK)):
+        kinds.append(block_kind)
+    return kinds
+
+
+def _check_args(a, a_scale, b, b_scale, bias, out_dtype):
+    """Validate the op's arguments; returns (a_kind, b_kind) of the scales."""
+    e4m3 = (fp8_ref.E4M3,)
+    check_tensor("a", a, e4m3, ndim=2)
+    check_tensor("b", b, e4m3, ndim=2)
+    check_tensor("a_scale", a_scale, (torch.float32,))
+    check_tensor("b_scale", b_scale, (torch.float32,))
+    if bias is not None:
+        check_tensor("bias", bias, BIAS_DTYPES, ndim=1)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of bfloat16, float16, float32; got {out_dtype}")
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(
+            f"a is [M, K] = {list(a.shape)} and b is [N, K] = {list(b.shape)} (the nn.Linear "
+            f"weight layout): their K must match"
+        )
+    if K == 0 or K % 16:
+        raise ValueError(f"K must be a positive multiple of 16 (the FP8 MMA's K step); got {K}")
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(1) != 1 and t.shape[0] * t.shape[1] > 0:
+            raise ValueError(
+                f"{name} must have unit stride along K; got strides {list(t.stride())} "
+                f"(call .contiguous() first)"
+            )
+    if bias is not None and (bias.shape[0] != N or (N > 1 and bias.stride(0) != 1)):
+        raise ValueError(
+            f"bias must be a contiguous [N] = [{N}] tensor; got shape {list(bias.shape)} "
+            f"and strides {list(bias.stride())}"
+        )
+    a_kinds = _scale_kinds(a_scale, M, K, "token", "group", 1)
+    b_kinds = _scale_kinds(b_scale, N, K, "channel", "block", SCALE_BLOCK)
+    for a_kind, b_kind in SCALE_PAIRS:
+        if a_kind in a_kinds and b_kind in b_kinds:
+            return a_kind, b_kind
+    kb, nb = math.ceil(K / SCALE_BLOCK), math.ceil(N / SCALE_BLOCK)
+    raise ValueError(
+        f"a_scale of shape {list(a_scale.shape)} and b_scale of shape {list(b_scale.shape)} are "
+        f"not a supported pair for a {list(a.shape)} and b {list(b.shape)}; use a_scale [] or [1] "
+        f"(tensor) or [{M}, 1] (token) with b_scale [] or [1] (tensor) or [{N}, 1] (channel), or "
+        f"a_scale [{M}, {kb}] (1x128 groups) with b_scale [{nb}, {kb}] (128x128 blocks)"
+    )
+
+
+def _scale_strides(scale, kind):
+    """(row stride, K-tile stride) of a scale as the kernel reads it; 0 broadcasts."""
+    if kind == "tensor":
+        return 0, 0
+    if kind in ("token", "channel"):
+        return (scale.stride(0) if scale.shape[0] > 1 else 0), 0
+    return scale.stride(0), scale.stride(1)
+
+
+def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config):
+    """Run `config` for out = a @ b.T; config.meta SWAP computes out.T = b @ a.T instead."""
+    M, K = a.shape
+    N = b.shape[0]
+    meta = dict(config.meta)
+    swap, split = meta.pop("SWAP"), meta["SPLIT_K"]
+    block_scaled = a_kind == "group"
+    sa, sb = _scale_strides(a_scale, a_kind), _scale_strides(b_scale, b_kind)
+    rows_a, rows_b = 1, (SCALE_BLOCK if block_scaled else 1)
+    stride_cm, stride_cn = N, 1
+    if swap:  # out.T[n, m] = sum_k b[n, k] a[m, k]
+        a, b, M, N = b, a, N, M
+        a_scale, b_scale, sa, sb, rows_a, rows_b = b_scale, a_scale, sb, sa, rows_b, rows_a
+        stride_cm, stride_cn = 1, M
+    bias_dim = 0 if bias is None or split > 1 else (1 if swap else 2)
+    c = (
+        out
+        if split == 1
+        else torch.empty((split, *out.shape), dtype=torch.float32, device=a.device)
+    )
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    _fp8_gemm_kernel[grid](
+        a, b, c, a_scale, b_scale, bias,
+        M, N, K,
+        a.stride(0), b.stride(0), stride_cm, stride_cn, out.numel(),
+        *sa, *sb,
+        BLOCK_SCALED=block_scaled, A_SCALE_ROWS=rows_a, B_SCALE_ROWS=rows_b, BIAS=bias_dim,
+        EVEN_K=K % meta["BLOCK_K"] == 0, **meta,
+        num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS,
+    )  # fmt: skip
+    if split > 1:
+        _split_k_reduce_kernel[(triton.cdiv(out.numel(), REDUCE_BLOCK),)](
+            c, out, bias, out.numel(), out.shape[1],
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, **COMPILE_OPTIONS,
+        )  # fmt: skip
+
+
+_tuner = Autotuner("fp8_gemm")
+
+
+def candidate_configs(a, b, block_scaled):
+    """The pruned configs for this device and problem, in preference order."""
+    M, K = a.shape
+    return prune_configs(
+        configs_for(capability(a.device)), M, b.shape[0], K, block_scaled, num_sms(a.device)
+    )
+
+
+def _fp8_gemm_impl(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
+    a_kind, b_kind = _check_args(a, a_scale, b, b_scale, bias, out_dtype)
+    M, N = a.shape[0], b.shape[0]
+    if not use_triton(a.device, "fp8_gemm"):
+        return fp8_ref.scaled_mm(a, a_scale, a_kind, b, b_scale, b_kind, bias, out_dtype)
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    key = (a.device, a_kind, b_kind, bias is not None, out_dtype, m_bucket(M), N, a.shape[1])
+    candidates = candidate_configs(a, b, a_kind == "group")
+
+    def launch(config):
+        _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config)
+
+    launch(_tuner.choose(key, candidates, launch))
+    return out
+
+
+def _fp8_gemm_fake(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
+    _check_args(a, a_scale, b, b_scale, bias, out_dtype)
+    return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+
+
+register_op(
+    "fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor? bias=None, "
+    "ScalarType out_dtype=bfloat16) -> Tensor",
+    _fp8_gemm_impl,
+    _fp8_gemm_fake,
+)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`(a * a_scale) @ (b * b_scale).T + bias` -> `[M, N]` in `out_dtype`.
+
+    a `[M, K]` and b `[N, K]` are float8_e4m3fn with K a multiple of 16; the scale pair is
+    per-tensor/per-token x per-tensor/per-channel, or 1x128 groups x 128x128 blocks (see the
+    module docstring for shapes). Accumulates in fp32.
+    """
+    return torch.ops.fp8nemo.fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype)
+
+
+def aot_specs(cap: int):
+    """Every config for compute capability `cap` at NeMo-like sizes (N, K divisible by 16), with
+    row scales and, where the config fits them, block scales; decode configs at 16 and 64 tokens.
+    Each FP8 main loop must compile to QGMMA on Hopper and QMMA on Ada."""
+    from fp8nemo.codegen import AotSpec
+
+    mma = "QGMMA" if cap >= 90 else "QMMA"
+    specs = []
+    for c in configs_for((cap // 10, cap % 10)):
+        for bn in (16, 64) if c.meta["SWAP"] else (c.meta["BLOCK_N"],):
+            for block_scaled in (False, True):
+                if not fits(c, block_scaled, bn):
+                    continue
+                meta = {**c.meta, "BLOCK_N": bn}
+                swap, split = meta.pop("SWAP"), meta["SPLIT_K"]
+                scheme = "group/block" if block_scaled else "token/channel"
+                # (row, K-tile) scale strides: [rows, K/128] blocks or [rows, 1] rows.
+                sc = ("i32", 1) if block_scaled else (1, "i32:16")
+                args = dict(
+                    a_ptr="*fp8e4nv:16", b_ptr="*fp8e4nv:16",
+                    c_ptr="*bf16:16" if split == 1 else "*fp32:16",
+                    a_scale_ptr="*fp32:16", b_scale_ptr="*fp32:16", bias_ptr=None,
+                    M="i32", N="i32:16", K="i32:16",
+                    stride_am="i32:16", stride_bn="i32:16",
+                    stride_cm=1 if swap else "i32:16", stride_cn="i32:16" if swap else 1,
+                    stride_cs="i32",
+                    BLOCK_SCALED=block_scaled, BIAS=0, EVEN_K=True, **meta,
+                )  # fmt: skip
+                a_rows, b_rows = (SCALE_BLOCK, 1) if swap else (1, SCALE_BLOCK)
+                args.update(
+                    stride_asm=sc[0],
+                    stride_ask=sc[1],
+                    stride_bsn=sc[0],
+                    stride_bsk=sc[1],
+                    A_SCALE_ROWS=a_rows if block_scaled else 1,
+                    B_SCALE_ROWS=b_rows if block_scaled else 1,
+                )
+                name = c.name.replace("xM", f"x{bn}") if swap else c.name
+                specs.append(
+                    AotSpec("fp8_gemm", _fp8_gemm_kernel, f"{name} {scheme}", args,
+                            c.num_warps, c.num_stages, expect_mma=mma)
+                )  # fmt: skip
+    specs.append(
+        AotSpec(
+            "fp8_gemm",
+            _split_k_reduce_kernel,
+            f"BLOCK={REDUCE_BLOCK} SPLIT_K=4",
+            dict(
+                partial_ptr="*fp32:16",
+                c_ptr="*bf16:16",
+                bias_ptr=None,
+                numel="i32",
+                N="i32:16",
+                SPLIT_K=4,
+                HAS_BIAS=False,
+                BLOCK=REDUCE_BLOCK,
+            ),
+            4,
+            1,
+        )  # fmt: skip
+    )
+    return specs

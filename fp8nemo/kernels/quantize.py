@@ -1,0 +1,296 @@
+"""FP8 activation quantization: dynamic per-tensor, per-token and per-group (1xG) scales, or static
+quantization with a given scale. Registered as `torch.ops.fp8nemo.quantize_fp8`.
+
+Shapes (leading dimensions of x are flattened into M rows):
+    x      [M, K]  fp32 / fp16 / bf16, unit column stride, row stride stride_xm
+    y      [M, K]  float8_e4m3fn, contiguous
+    scale  tensor [1] | token [M, 1] | group [M, ceil(K / G)], fp32 dequant multipliers
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8nemo.quant import fp8 as fp8_ref
+
+from ._triton import (
+    COMPILE_OPTIONS,
+    INTERPRET,
+    check_same_device,
+    check_tensor,
+    register_op,
+    use_triton,
+)
+
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GRANULARITIES = fp8_ref.ACTIVATION_GRANULARITIES
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+E4M3_MAX = tl.constexpr(fp8_ref.E4M3_MAX)
+AMAX_FLOOR = tl.constexpr(fp8_ref.AMAX_FLOOR)
+
+# Elements one program holds per step: enough bytes in flight per program on a GPU; the
+# interpreter pays milliseconds per program and per helper call, so it gets far larger tiles.
+TILE_ELEMS = 65536 if INTERPRET else 4096
+MAX_ROWS = 1024 if INTERPRET else 16
+BLOCK_K_MAX = 4096
+
+
+@triton.jit
+def _abs_bits(x):
+    # |x| as int32 bits orders like the values, with NaN above +inf. Reducing the bits makes a
+    # NaN reach the scale (tl.max on floats drops NaN on the GPU: max.f32 returns the other
+    # operand) and keeps the interpreter on numpy (a custom combine_fn runs per element there).
+    return tl.abs(x).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _scale_of(amax_bits):
+    amax = tl.maximum(amax_bits.to(tl.float32, bitcast=True), AMAX_FLOOR, tl.PropagateNan.ALL)
+    return tl.math.div_rn(amax, E4M3_MAX)
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    # Exact division, so the codes match the torch reference bit for bit; clamp keeps NaN.
+    q = tl.math.div_rn(x, scale)
+    q = tl.clamp(q, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _absmax_kernel(
+    x_ptr, amax_bits_ptr,
+    M, K,
+    stride_xm,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # amax over the whole tensor, as int32 bits (see _abs_bits) so an integer atomic max works.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    amax = tl.zeros([ROWS, BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = (rows < M)[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, _abs_bits(x))
+    tl.atomic_max(amax_bits_ptr, tl.max(tl.max(amax, 1), 0))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_rows_kernel(
+    x_ptr, y_ptr, scale_ptr, amax_bits_ptr,
+    M, K,
+    stride_xm, stride_sm,
+    # 0: given scale (stride_sm 0 = per tensor), 1: each row's amax, 2: amax_bits_ptr (per tensor)
+    SCALE_FROM: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    if SCALE_FROM == 1:
+        amax = tl.zeros([ROWS, BLOCK_K], tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = row_mask[:, None] & (k0 + cols < K)[None, :]
+            x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, _abs_bits(x))
+        scale = _scale_of(tl.max(amax, 1))
+        tl.store(scale_ptr + rows * stride_sm, scale, mask=row_mask)
+    elif SCALE_FROM == 2:
+        scale = _scale_of(tl.load(amax_bits_ptr + rows * 0))
+        tl.store(scale_ptr + rows * 0, scale, mask=rows == 0)
+    else:
+        scale = tl.load(scale_ptr + rows * stride_sm, mask=row_mask, other=1.0)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_mask[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(
+            y_ptr + rows[:, None] * K + (k0 + cols)[None, :], _to_e4m3(x, scale[:, None]), mask=mask
+        )
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_groups_kernel(
+    x_ptr, y_ptr, scale_ptr,
+    M, K,
+    stride_xm, stride_sm, stride_sg,
+    STATIC: tl.constexpr,
+    ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    # One [ROWS, GROUPS, GROUP] tile per program: GROUPS scale groups of GROUP columns in ROWS rows.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    row_mask = rows < M
+    rows = rows.to(tl.int64)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
+    mask = row_mask[:, None, None] & (cols < K)[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale_ptrs = scale_ptr + rows[:, None] * stride_sm + groups[None, :] * stride_sg
+    scale_mask = row_mask[:, None] & (groups * GROUP < K)[None, :]
+    if STATIC:
+        scale = tl.load(scale_ptrs, mask=scale_mask, other=1.0)
+    else:
+        scale = _scale_of(tl.max(_abs_bits(x), 2))
+        tl.store(scale_ptrs, scale, mask=scale_mask)
+    y = _to_e4m3(x, scale[:, :, None])
+    tl.store(y_ptr + rows[:, None, None] * K + cols[None, :, :], y, mask=mask)
+
+
+def _check_args(x, granularity, scale, group_size):
+    """Validate the op's arguments; returns the scale shape."""
+    check_tensor("x", x, INPUT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension K; got shape {list(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(
+            f"x must have unit stride in its last dimension; got strides {list(x.stride())} "
+            f"(call .contiguous() first)"
+        )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if granularity == "group" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size!r}")
+    expected = fp8_ref.scale_shape(x.shape, granularity, group_size)
+    if scale is not None:
+        check_tensor("scale", scale, (torch.float32,))
+        check_same_device(x=x, scale=scale)
+        per_tensor = granularity == "tensor" and scale.numel() == 1 and scale.dim() <= 1
+        if not per_tensor and tuple(scale.shape) != expected:
+            raise ValueError(
+                f"scale for granularity={granularity!r} of x {list(x.shape)} must have shape "
+                f"{list(expected)}; got {list(scale.shape)}"
+            )
+    else:
+        check_same_device(x=x)
+    return expected
+
+
+def _rows_tile(k: int) -> tuple[int, int]:
+    block_k = min(triton.next_power_of_2(k), BLOCK_K_MAX)
+    return max(1, min(MAX_ROWS, TILE_ELEMS // block_k)), block_k
+
+
+def _launch(x2, y, granularity, scale, out_scale, group_size):
+    """x2 [M, K] -> y [M, K]; writes out_scale unless static (then reads scale)."""
+    M, K = x2.shape
+    if granularity == "group":
+        s = scale if scale is not None else out_scale
+        s = s.reshape(M, -1)
+        n_groups = triton.cdiv(K, group_size)
+        groups = min(triton.next_power_of_2(n_groups), max(1, TILE_ELEMS // group_size))
+        rows = max(1, min(MAX_ROWS, TILE_ELEMS // (groups * group_size)))
+        grid = (triton.cdiv(M, rows), triton.cdiv(n_groups, groups))
+        _quantize_groups_kernel[grid](
+            x2, y, s, M, K, x2.stride(0), s.stride(0), s.stride(1),
+            STATIC=scale is not None, ROWS=rows, GROUPS=groups, GROUP=group_size, **COMPILE_OPTIONS,
+        )  # fmt: skip
+        return
+    rows, block_k = _rows_tile(K)
+    grid = (triton.cdiv(M, rows),)
+    amax_bits = None
+    if scale is not None:
+        s, from_ = scale.reshape(-1, 1), 0
+    else:
+        s = out_scale.reshape(-1, 1)
+        from_ = 1 if granularity == "token" else 2
+        if granularity == "tensor":
+            amax_bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
+            _absmax_kernel[grid](
+                x2, amax_bits, M, K, x2.stride(0), ROWS=rows, BLOCK_K=block_k, **COMPILE_OPTIONS
+            )
+    stride_sm = s.stride(0) if s.shape[0] > 1 else 0
+    _quantize_rows_kernel[grid](
+        x2, y, s, amax_bits, M, K, x2.stride(0), stride_sm,
+        SCALE_FROM=from_, ROWS=rows, BLOCK_K=block_k, **COMPILE_OPTIONS,
+    )  # fmt: skip
+
+
+def _quantize_fp8_impl(x, granularity="token", *, scale=None, group_size=128):
+    scale_shape = _check_args(x, granularity, scale, group_size)
+    K = x.shape[-1]
+    try:
+        x2 = x.view(-1, K)
+    except RuntimeError:
+        raise ValueError(
+            f"x with shape {list(x.shape)} and strides {list(x.stride())} cannot be viewed as "
+            f"[M, K] rows; call .contiguous() first"
+        ) from None
+    if not use_triton(x.device, "quantize_fp8"):
+        y, s = fp8_ref.quantize(x, granularity, scale, group_size)
+        return y, s.reshape(scale_shape).clone()
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
+    if scale is not None:
+        out_scale = scale.reshape(scale_shape).clone()
+    else:
+        out_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    if x2.shape[0] == 0:
+        if scale is None and granularity == "tensor":
+            out_scale.copy_(fp8_ref.scale_from_amax(torch.zeros(1)))
+        return y, out_scale
+    _launch(x2, y.view(-1, K), granularity, scale, out_scale, group_size)
+    return y, out_scale
+
+
+def _quantize_fp8_fake(x, granularity="token", *, scale=None, group_size=128):
+    scale_shape = _check_args(x, granularity, scale, group_size)
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
+    return y, torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+
+
+register_op(
+    'quantize_fp8(Tensor x, str granularity="token", *, Tensor? scale=None, int group_size=128)'
+    " -> (Tensor, Tensor)",
+    _quantize_fp8_impl,
+    _quantize_fp8_fake,
+)
+
+
+def quantize_fp8(
+    x: torch.Tensor,
+    granularity: str = "token",
+    *,
+    scale: torch.Tensor | None = None,
+    group_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` `[..., K]` (fp32/fp16/bf16) to e4m3: returns `(x_fp8, scale)` with
+    `x ~= x_fp8.float() * scale`, saturating at +-448 and keeping NaN.
+
+    granularity: "tensor" (scale `[1]`), "token" (`[..., 1]`) or "group" (`[..., ceil(K/G)]`,
+    G = group_size). A given fp32 `scale` of that shape means static quantization with it.
+    """
+    return torch.ops.fp8nemo.quantize_fp8(x, granularity, scale=scale, group_size=group_size)
+
+
+def aot_specs(cap: int):
+    """The GPU tiles for a bf16 input with K = 5120 (NeMo's hidden size), every scale source."""
+    from fp8nemo.codegen import AotSpec
+
+    rows, block_k = _rows_tile(5120)
+    common = dict(
+        x_ptr="*bf16:16", M="i32", K="i32:16", stride_xm="i32:16", ROWS=rows, BLOCK_K=block_k
+    )
+    specs = [
+        AotSpec("quantize_fp8", _absmax_kernel, f"tensor amax {rows}x{block_k}",
+                dict(common, amax_bits_ptr="*i32:16"), 4, 3),
+    ]  # fmt: skip
+    for scale_from, label in ((0, "static"), (1, "token"), (2, "tensor")):
+        args = dict(common, y_ptr="*fp8e4nv:16", scale_ptr="*fp32:16", amax_bits_ptr="*i32:16",
+                    stride_sm=1 if scale_from == 1 else "i32:16",
+                    SCALE_FROM=scale_from)  # fmt: skip
+        specs.append(
+            AotSpec("quantize_fp8", _quantize_rows_kernel, f"{label} {rows}x{block_k}", args, 4, 3)
+        )
+    groups = TILE_ELEMS // 128
+    for static in (False, True):
+        args = dict(x_ptr="*bf16:16", y_ptr="*fp8e4nv:16", scale_ptr="*fp32:16",
+                    M="i32", K="i32:16", stride_xm="i32:16", stride_sm="i32", stride_sg=1,
+                    STATIC=static, ROWS=1, GROUPS=groups, GROUP=128)  # fmt: skip
+        label = f"group {'static' if static else 'dynamic'} 1x{groups}x128"
+        specs.append(AotSpec("quantize_fp8", _quantize_groups_kernel, label, args, 4, 3))
+    return specs

@@ -1,0 +1,1 @@
+"""FP8 numerics, scale calibration, QAT fake-quant and checkpoint formats."""

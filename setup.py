@@ -1,0 +1,20 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fp8nemo",
+    version="0.1.0",
+    description="Triton kernels for FP8 inference of Mistral-NeMo-class language models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fp8nemo", "fp8nemo.*"]),
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "safetensors"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        "bench": ["tqdm", "matplotlib"],
+        "dev": ["ruff"],
+    },
+    entry_points={"console_scripts": ["fp8nemo = fp8nemo.cli:main"]},
+)
