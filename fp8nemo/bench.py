@@ -335,3 +335,30 @@ def plot(rows: list[Row], path: str) -> None:
 def result_stem(env: Environment, suite: str) -> str:
     slug = "".join(c if c.isalnum() else "-" for c in env.device).strip("-").lower() or "device"
     return f"bench_{suite}_{slug}_{env.date.replace(':', '')}"
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def format_compare(rows: list[dict]) -> str:
+    """One line per (shape, M) of a bench CSV: TFLOP/s of each implementation and scheme, and
+    our best over torch._scaled_mm's best."""
+    impls = {}
+    for r in rows:
+        key = (r["shape"], int(r["M"]))
+        label = f"{r['impl'].replace('torch.', '')} {r['scheme']}".replace(" -", "")
+        impls.setdefault(key, {})[label] = float(r["tflops"]) if r["tflops"] else None
+    labels = list(dict.fromkeys(label for v in impls.values() for label in v))
+    head = ["shape", "M", *labels, "ours/_scaled_mm"]
+    table = [head]
+    for (shape, m), vals in impls.items():
+        ours = [v for k, v in vals.items() if k.startswith("fp8nemo") and v]
+        theirs = [v for k, v in vals.items() if k.startswith("_scaled_mm") and v]
+        ratio = f"{max(ours) / max(theirs):.2f}" if ours and theirs else "-"
+        table.append([shape, str(m), *(_fmt(vals.get(k), ".0f") for k in labels), ratio])
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["TFLOP/s (median)"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
+    return "\n".join(lines)

@@ -103,8 +103,9 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "registers": int(res.get("REG", -1)),
-        "spill_bytes": int(res.get("LOCAL", 0)),
-        "stack_bytes": int(res.get("STACK", 0)),
+        # Per-thread stack frame + local memory: where spilled registers go (our kernels keep
+        # no arrays in local memory).
+        "spill_bytes": int(res.get("STACK", 0)) + int(res.get("LOCAL", 0)),
         "local_loads_stores": opcodes["LDL"] + opcodes["STL"],
         "shared_bytes": compiled.metadata.shared,
         "mma": mma,

@@ -187,7 +187,7 @@ def _fp8_gemm_kernel(
             # in fewer than 32 bits, and each block has its own scales anyway.
             a_s = tl.load(a_scale_ptrs + kt * stride_ask)
             b_s = tl.load(b_scale_ptrs + kt * stride_bsk)
-            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+            acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
         else:
             acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BLOCK_K

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One-shot GPU check, for a machine with a GPU and no network: the ops' tests on CUDA (with an
+# M*K > 2^31 case), the sm_90 codegen report, and the GEMM benchmark, in under 8 minutes.
+# Writes logs, CSV and summary.md to RESULTS_DIR (default benchmarks/results/) and prints a
+# short table last.  Usage: benchmarks/gpu_check.sh [RESULTS_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-benchmarks/results}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+start=$SECONDS
+STATUS=()
+
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to RESULTS/NAME.log
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+    rc=$?
+    STATUS+=("$name: exit $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (timed out)')")
+    tail -n 3 "$RESULTS/$name.log"
+}
+
+{
+    date -u +"date %Y-%m-%dT%H:%MZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("triton", triton.__version__); print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())'
+} >"$RESULTS/environment.txt" 2>&1
+cat "$RESULTS/environment.txt"
+
+stage tests 210 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_quantize.py tests/test_fp8_gemm.py tests/test_ops.py --junitxml="$RESULTS/tests.xml"
+stage inspect 120 "$PY" -m fp8nemo.cli inspect --arch sm_90
+stage bench 270 "$PY" -m fp8nemo.cli bench --suite gemm --out "$RESULTS" --markdown
+
+csv=$(ls -t "$RESULTS"/bench_gemm_*.csv 2>/dev/null | head -n 1)
+{
+    echo "# GPU check $(date -u +%Y-%m-%d)"
+    echo
+    echo '```'
+    cat "$RESULTS/environment.txt"
+    echo '```'
+    echo
+    echo "## Stages"
+    for s in "${STATUS[@]}"; do echo "- $s"; done
+    echo
+    echo "## Tests (CUDA)"
+    echo '```'
+    tail -n 15 "$RESULTS/tests.log"
+    echo '```'
+    echo
+    echo "## Codegen problems (sm_90)"
+    echo '```'
+    grep -vE "  ok$" "$RESULTS/inspect.log" | tail -n 20
+    echo '```'
+    echo
+    echo "## GEMM benchmark"
+    [ -n "$csv" ] && cat "${csv%.csv}.md"
+} >"$RESULTS/summary.md"
+
+echo
+for s in "${STATUS[@]}"; do echo "$s"; done
+echo "total $((SECONDS - start))s; logs, CSV and summary.md in $RESULTS"
+if [ -n "$csv" ]; then
+    "$PY" -c "import sys; from fp8nemo import bench; print(bench.format_compare(bench.read_csv(sys.argv[1])))" "$csv"
+fi

@@ -1,0 +1,66 @@
+"""`fp8nemo inspect` compiles every kernel config ahead of time: on sm_90 every FP8 GEMM config
+has QGMMA in its SASS (QMMA on sm_89) and nothing spills."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fp8nemo.kernels import fp8_gemm as _  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+@functools.cache
+def inspect_rows(arch: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fp8nemo.cli", "inspect", "--arch", arch, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def config_names(cap):
+    import importlib
+
+    G = importlib.import_module("fp8nemo.kernels.fp8_gemm")
+    return {c.name for c in G.configs_for(cap)}
+
+
+@pytest.mark.parametrize("arch, mma, cap", [("sm_90", "QGMMA", (9, 0)), ("sm_89", "QMMA", (8, 9))])
+def test_every_fp8_gemm_config_uses_fp8_mma_without_spills(arch, mma, cap):
+    rows = inspect_rows(arch)
+    gemm = [r for r in rows if r["kernel"] == "_fp8_gemm_kernel"]
+    covered = {r["config"].split()[0] for r in gemm}
+    # Swap-AB configs are reported per token tile (xM -> x16, x64).
+    expected = {
+        n.replace("xM", f"x{bn}") for n in config_names(cap) for bn in (16, 64) if "xM" in n
+    }
+    expected |= {n for n in config_names(cap) if "xM" not in n}
+    assert covered == expected
+    for r in gemm:
+        assert r["mma"].get(mma, 0) > 0, f"{r['config']}: no {mma} in the SASS: {r['mma']}"
+        assert r["spill_bytes"] == 0 and r["local_loads_stores"] == 0, f"{r['config']} spills: {r}"
+        assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
+    for r in rows:
+        assert not r["problems"], r
+
+
+def test_quantize_kernels_compile_cleanly():
+    rows = [r for r in inspect_rows("sm_90") if r["op"] == "quantize_fp8"]
+    assert {r["kernel"] for r in rows} == {
+        "_absmax_kernel",
+        "_quantize_rows_kernel",
+        "_quantize_groups_kernel",
+    }
+    for r in rows:
+        assert r["spill_bytes"] == 0 and not r["problems"] and not r["mma"], r

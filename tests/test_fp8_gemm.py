@@ -1,0 +1,245 @@
+"""fp8_gemm against the fp64 product of its dequantized inputs (round-off bound), against the
+unquantized fp16 product (SQNR), and on bad input."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import UNIT_ROUNDOFF, assert_within, poisoned, randn, sqnr_db
+
+from fp8nemo.kernels import fp8_gemm
+from fp8nemo.kernels._triton import KernelConfig
+from fp8nemo.quant import fp8
+
+G = importlib.import_module("fp8nemo.kernels.fp8_gemm")
+E4M3 = torch.float8_e4m3fn
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+PAIRS = list(G.SCALE_PAIRS)
+NEMO_KN = [(5120, 6144), (4096, 5120), (5120, 28672), (14336, 5120)]
+
+
+def make_operands(M, N, K, pair, gen, device, bias_dtype=None):
+    a_kind, b_kind = pair
+    x = randn(M, K, gen=gen, scale=2.0)
+    w = randn(N, K, gen=gen, scale=0.05)
+    a, a_s = fp8.quantize(x, a_kind)
+    b, b_s = fp8.quantize(w, b_kind)
+    bias = randn(N, gen=gen, dtype=bias_dtype, device=device) if bias_dtype else None
+    return (a.to(device), a_s.to(device), b.to(device), b_s.to(device), bias)
+
+
+def bound_and_ref(a, a_s, b, b_s, bias, pair, out_dtype):
+    """fp64 reference on the dequantized inputs and the elementwise round-off bound: fp32
+    accumulation over K (+ 2 scale products + bias add) and the rounding of the output dtype."""
+    a_kind, b_kind = pair
+    a_deq = fp8.dequantize(a.cpu(), a_s.cpu(), a_kind).double()
+    b_deq = fp8.dequantize(b.cpu(), b_s.cpu(), b_kind).double()
+    ref = a_deq @ b_deq.T
+    mag = a_deq.abs() @ b_deq.abs().T
+    if bias is not None:
+        ref = ref + bias.cpu().double()
+        mag = mag + bias.cpu().double().abs()
+    K = a.shape[1]
+    acc_err = (K + 4) * UNIT_ROUNDOFF[torch.float32] * mag
+    return ref, UNIT_ROUNDOFF[out_dtype] * (ref.abs() + acc_err) + acc_err
+
+
+def run(a, a_s, b, b_s, bias, out_dtype, pair, config=None):
+    """The launcher with `config` (default: the op's first choice) on a NaN-poisoned output."""
+    M, N = a.shape[0], b.shape[0]
+    if config is None:
+        config = G.candidate_configs(a, b, pair[0] == "group")[0]
+    out = poisoned((M, N), out_dtype, a.device)
+    G._launch(a, a_s, pair[0], b, b_s, pair[1], bias, out, config)
+    return out
+
+
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 129, 300])
+@pytest.mark.parametrize("pair", PAIRS, ids="x".join)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_dequantized_reference(M, pair, out_dtype, bias, device, gen):
+    N, K = 80, 144
+    ops = make_operands(M, N, K, pair, gen, device, torch.bfloat16 if bias else None)
+    ref, bound = bound_and_ref(*ops, pair, out_dtype)
+    out = run(*ops, out_dtype, pair)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    assert_within(out, ref, bound, f"fp8_gemm M={M} {pair} {out_dtype}")
+    # The public op picks the same config, so it agrees bit for bit.
+    public = fp8_gemm(*ops, out_dtype=out_dtype)
+    assert torch.equal(public.view(torch.uint8), out.view(torch.uint8))
+
+
+@pytest.mark.parametrize("M, N, K", [(3, 200, 272), (65, 136, 400), (130, 257, 1040)])
+@pytest.mark.parametrize(
+    "pair", [("tensor", "tensor"), ("token", "channel"), ("group", "block")], ids="x".join
+)
+def test_other_shapes(M, N, K, pair, device, gen):
+    ops = make_operands(M, N, K, pair, gen, device, torch.float32)
+    ref, bound = bound_and_ref(*ops, pair, torch.bfloat16)
+    assert_within(run(*ops, torch.bfloat16, pair), ref, bound, f"fp8_gemm {M}x{N}x{K} {pair}")
+
+
+def all_named_configs():
+    """Every config of every target through the interpreter; on a GPU, its own target's."""
+    targets = {"hopper": G.HOPPER_CONFIGS, "ada": G.ADA_CONFIGS, "interp": G.INTERPRETER_CONFIGS}
+    if DEVICE == "cuda":
+        cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+        targets = {f"sm{cap[0]}{cap[1]}": G.configs_for(cap)}
+    for target, configs in targets.items():
+        for c in configs:
+            yield pytest.param(c, id=f"{target}-{c.name}")
+
+
+@pytest.mark.parametrize("config", list(all_named_configs()))
+@pytest.mark.parametrize("K", [400, 512])  # a ragged last K-tile, and none
+def test_every_named_config(config, K, device, gen):
+    """The kernel is right under every config's constexprs (tiles, split-K, swap-AB)."""
+    M = 5 if config.meta["SWAP"] else 70
+    N = 136
+    bn = max(16, G.m_bucket(M)) if config.meta["SWAP"] else config.meta["BLOCK_N"]
+    cfg = KernelConfig(
+        config.name, {**config.meta, "BLOCK_N": bn}, config.num_warps, config.num_stages
+    )
+    pairs = [("token", "channel")] + ([("group", "block")] if G.fits(cfg, True, bn) else [])
+    for pair in pairs:
+        ops = make_operands(M, N, K, pair, gen, device, torch.float16)
+        ref, bound = bound_and_ref(*ops, pair, torch.bfloat16)
+        assert_within(run(*ops, torch.bfloat16, pair, cfg), ref, bound, f"{config.name} {pair}")
+
+
+@pytest.mark.parametrize(
+    "pair", [("tensor", "tensor"), ("token", "channel"), ("group", "block")], ids="x".join
+)
+def test_sqnr_against_unquantized_fp16(pair, device, gen):
+    """FP8 quantization error on Gaussian data: above 25 dB against the fp16 product."""
+    M, N, K = 64, 96, 512
+    x = randn(M, K, gen=gen, dtype=torch.float16)
+    w = randn(N, K, gen=gen, dtype=torch.float16)
+    a, a_s = fp8.quantize(x, pair[0])
+    b, b_s = fp8.quantize(w, pair[1])
+    out = fp8_gemm(
+        a.to(device), a_s.to(device), b.to(device), b_s.to(device), out_dtype=torch.float32
+    )
+    ref = x.double() @ w.double().T
+    db = sqnr_db(out.cpu(), ref)
+    print(f"SQNR {pair}: {db:.1f} dB")
+    assert db > 25.0, f"SQNR {db:.1f} dB for {pair}"
+
+
+@pytest.mark.parametrize(
+    "pair", [("tensor", "tensor"), ("token", "channel"), ("group", "block")], ids="x".join
+)
+@pytest.mark.parametrize("M", [3, 100])
+def test_nan_in_nan_out(pair, M, device, gen):
+    a, a_s, b, b_s, _ = make_operands(M, 72, 256, pair, gen, device)
+    nan = torch.tensor(float("nan")).to(E4M3)
+    a[1, 200] = nan  # row 1 of the output
+    b[5, 3] = nan  # column 5
+    out = fp8_gemm(a, a_s, b, b_s).cpu()
+    expect = torch.zeros_like(out, dtype=torch.bool)
+    expect[1, :] = True
+    expect[:, 5] = True
+    assert torch.equal(out.isnan(), expect)
+
+
+def test_deterministic_with_split_k(device, gen):
+    config = G._config("t64xMx128k4swap", 64, 16, 128, 4, 1, split=4, swap=True)
+    ops = make_operands(9, 200, 1024, ("token", "channel"), gen, device, torch.bfloat16)
+    first = run(*ops, torch.float32, ("token", "channel"), config)
+    second = run(*ops, torch.float32, ("token", "channel"), config)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (8, 9), (0, 0)])
+@pytest.mark.parametrize("block_scaled", [False, True])
+def test_every_problem_has_a_config(cap, block_scaled):
+    for M in (1, 7, 16, 17, 64, 65, 128, 300, 4096, 16384):
+        for K, N in NEMO_KN + [(16, 16), (144, 80)]:
+            configs = G.prune_configs(G.configs_for(cap), M, N, K, block_scaled, 132)
+            assert configs, (cap, M, N, K, block_scaled)
+            assert all(c.meta["SWAP"] == (M <= G.SMALL_M) for c in configs)
+            assert all(c.meta["BLOCK_N"] >= 16 for c in configs)
+            if block_scaled:
+                assert all(c.meta["BLOCK_K"] == fp8.BLOCK for c in configs)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs 2 GB of device memory and a GPU's speed")
+def test_offsets_past_2_31_elements(device, gen):
+    """M * K > 2^31: row offsets must be computed in int64."""
+    K, N = 4096, 128
+    M = 2**31 // K + 64
+    a = torch.empty(M, K, dtype=torch.uint8, device=device)
+    a.random_(0, 126, generator=None)  # finite e4m3 codes 0..125 and their negatives below
+    a[::2] |= 0x80
+    a = a.view(E4M3)
+    a_s = torch.rand(M, 1, device=device) + 0.5
+    b, b_s = fp8.quantize(randn(N, K, gen=gen), "channel")
+    b, b_s = b.to(device), b_s.to(device)
+    out = fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32)
+    rows = torch.tensor([0, M // 2, M - 65, M - 1], device=device)
+    ref = (a[rows].float() * a_s[rows]) @ (b.float() * b_s).T
+    torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-3)
+
+
+def bad(**kw):
+    """Valid arguments for a 16x32 @ 48x32 product, with `kw` replacing some."""
+    g = torch.Generator().manual_seed(0)
+    args = dict(
+        a=fp8.saturating_cast(torch.randn(16, 32, generator=g)),
+        a_scale=torch.ones(16, 1),
+        b=fp8.saturating_cast(torch.randn(48, 32, generator=g)),
+        b_scale=torch.ones(48, 1),
+    )
+    args.update(kw)
+    return args
+
+
+BAD_INPUTS = [
+    (bad(a=torch.ones(16, 32, dtype=torch.bfloat16)), TypeError, "a must have dtype float8_e4m3fn"),
+    (bad(b=torch.ones(48, 32).to(torch.float8_e5m2)), TypeError, "b must have dtype float8_e4m3fn"),
+    (
+        bad(a=torch.ones(16, 40).to(E4M3), b=torch.ones(48, 40).to(E4M3)),
+        ValueError,
+        "multiple of 16",
+    ),
+    (bad(b=torch.ones(48, 48).to(E4M3)), ValueError, "K must match"),
+    (bad(a=torch.ones(2, 16, 32).to(E4M3)), ValueError, "a must be 2-D"),
+    (
+        bad(a_scale=torch.ones(16, 1, dtype=torch.float16)),
+        TypeError,
+        "a_scale must have dtype float32",
+    ),
+    (bad(a_scale=torch.ones(16, 2)), ValueError, "not a supported pair"),
+    (bad(b_scale=torch.ones(47, 1)), ValueError, "not a supported pair"),
+    (
+        bad(a_scale=torch.ones(16, 1), b_scale=torch.ones(1, 1)),
+        None,
+        None,
+    ),  # K <= 128: token x block-shaped [1,1]
+    (
+        bad(a_scale=torch.ones(16, 1), b_scale=torch.ones(48, 1), bias=torch.ones(47)),
+        ValueError,
+        "bias must be",
+    ),
+    (bad(bias=torch.ones(48, dtype=torch.int32)), TypeError, "bias must have dtype"),
+    (bad(out_dtype=torch.int8), ValueError, "out_dtype must be one of"),
+    (bad(a=torch.ones(32, 16).to(E4M3).t()), ValueError, "unit stride along K"),
+    (bad(b_scale=torch.ones(48, 1, device="meta")), ValueError, "on one device"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    if error is None:
+        fp8_gemm(**kwargs)
+        return
+    with pytest.raises(error, match=match):
+        fp8_gemm(**kwargs)
+
+
+def test_group_scales_need_block_weights():
+    with pytest.raises(ValueError, match="not a supported pair"):
+        fp8_gemm(**bad(a=torch.ones(16, 256).to(E4M3), a_scale=torch.ones(16, 2),
+                       b=torch.ones(48, 256).to(E4M3), b_scale=torch.ones(48, 1)))  # fmt: skip

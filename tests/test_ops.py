@@ -1,0 +1,94 @@
+"""The ops are registered with torch.library: opcheck passes, and torch.compile(fullgraph=True)
+traces them and computes what eager mode does."""
+
+import pytest
+import torch
+from helpers import randn
+
+import fp8nemo.kernels  # noqa: F401  (registers torch.ops.fp8nemo.*)
+from fp8nemo.quant import fp8
+
+
+@pytest.mark.parametrize(
+    "granularity, static",
+    [("tensor", False), ("token", False), ("group", False), ("tensor", True), ("token", True)],
+)
+def test_opcheck_quantize_fp8(granularity, static, device, gen):
+    x = randn(5, 3, 144, gen=gen, dtype=torch.bfloat16, device=device)
+    kwargs = {}
+    if static:
+        kwargs["scale"] = torch.rand(fp8.scale_shape(x.shape, granularity), generator=gen).to(
+            device
+        )
+    torch.library.opcheck(torch.ops.fp8nemo.quantize_fp8.default, (x, granularity), kwargs)
+
+
+@pytest.mark.parametrize(
+    "pair", [("tensor", "tensor"), ("token", "channel"), ("group", "block")], ids="x".join
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_fp8_gemm(pair, bias, device, gen):
+    a, a_s = fp8.quantize(randn(9, 272, gen=gen), pair[0])
+    b, b_s = fp8.quantize(randn(40, 272, gen=gen), pair[1])
+    args = [t.to(device) for t in (a, a_s, b, b_s)]
+    args.append(randn(40, gen=gen, device=device) if bias else None)
+    before = [t.clone() if t is not None else None for t in args]
+    # test_schema compares inputs before and after with torch.allclose, which torch does not
+    # implement for float8 on the CPU; the same no-mutation check is done bytewise below.
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(
+        torch.ops.fp8nemo.fp8_gemm.default,
+        tuple(args),
+        {"out_dtype": torch.float16},
+        test_utils=utils,
+    )
+    torch.ops.fp8nemo.fp8_gemm(*args, torch.float16)
+    for t, t0 in zip(args, before, strict=True):
+        if t is not None:
+            assert torch.equal(t.view(torch.uint8), t0.view(torch.uint8)), "an input was mutated"
+
+
+def linear_fp8(x, w_fp8, w_scale, bias):
+    # x: [B, S, K] bf16 -> [B, S, N]
+    B, S, K = x.shape
+    x_fp8, x_scale = torch.ops.fp8nemo.quantize_fp8(x.reshape(B * S, K), "token")
+    y = torch.ops.fp8nemo.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, bias, torch.bfloat16)
+    return torch.nn.functional.silu(y.reshape(B, S, -1)) * 2
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(device, gen):
+    torch._dynamo.reset()
+    x = randn(2, 7, 160, gen=gen, dtype=torch.bfloat16, device=device)
+    w_fp8, w_scale = (t.to(device) for t in fp8.quantize(randn(48, 160, gen=gen), "channel"))
+    bias = randn(48, gen=gen, device=device)
+    eager = linear_fp8(x, w_fp8, w_scale, bias)
+    compiled = torch.compile(linear_fp8, fullgraph=True)(x, w_fp8, w_scale, bias)
+    assert compiled.shape == (2, 7, 48) and compiled.dtype == torch.bfloat16
+    # The FP8 ops run the same kernels; only the elementwise tail is compiled differently.
+    torch.testing.assert_close(compiled, eager, rtol=2**-7, atol=1e-5)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 6, 300, dtype=torch.float16)
+        q, s = torch.ops.fp8nemo.quantize_fp8(x, "group", group_size=128)
+        assert q.shape == (4, 6, 300) and q.dtype == torch.float8_e4m3fn and s.shape == (4, 6, 3)
+        out = torch.ops.fp8nemo.fp8_gemm(
+            torch.empty(24, 256, dtype=torch.float8_e4m3fn),
+            torch.empty(24, 2),
+            torch.empty(384, 256, dtype=torch.float8_e4m3fn),
+            torch.empty(3, 2),
+            None,
+            torch.float32,
+        )
+        assert out.shape == (24, 384) and out.dtype == torch.float32
+        with pytest.raises(ValueError, match="multiple of 16"):
+            torch.ops.fp8nemo.fp8_gemm(
+                torch.empty(2, 40, dtype=torch.float8_e4m3fn),
+                torch.empty(1),
+                torch.empty(3, 40, dtype=torch.float8_e4m3fn),
+                torch.empty(1),
+            )
