@@ -174,7 +174,7 @@ class Autotuner:
             return self.cache[key]
         if len(candidates) == 1 or INTERPRET or os.environ.get("FP8NEMO_AUTOTUNE", "1") == "0":
             return candidates[0]
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             logger.warning(
                 "fp8nemo: %s key %s was not tuned before CUDA graph capture; using %s",
                 self.op,
