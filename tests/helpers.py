@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 # Unit round-off (half an ulp at 1.0) of each output dtype.
@@ -23,42 +24,48 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def _fail(bad: torch.Tensor, what: str, summary: str, describe) -> None:
+    """Raise naming how many elements are bad, `summary`, and the first five as `describe(i)`."""
+    if bad.any():
+        first = "\n".join(f"  {tuple(i)}: {describe(tuple(i))}" for i in bad.nonzero()[:5].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} {summary}; first:\n{first}"
+        )
+
+
 def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str) -> None:
     """Every |out - ref| <= bound elementwise (NaN where ref is NaN); on failure name the first
     mismatches and the worst error relative to its bound."""
     out, ref, bound = out.double().cpu(), ref.double().cpu(), bound.double().cpu().expand_as(ref)
-    both_nan = out.isnan() & ref.isnan()
     err = (out - ref).abs()
-    bad = ~((err <= bound) | both_nan)
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        lines = [
-            f"  {tuple(i)}: out={out[tuple(i)].item():.6g} ref={ref[tuple(i)].item():.6g} "
-            f"bound={bound[tuple(i)].item():.3g}"
-            for i in idx
-        ]
-        ratio = (err / bound.clamp_min(1e-300)).nan_to_num(math.inf).max().item()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements beyond the round-off bound "
-            f"(worst error / bound = {ratio:.3g}); first:\n" + "\n".join(lines)
-        )
+    bad = ~((err <= bound) | (out.isnan() & ref.isnan()))
+    ratio = (err / bound.clamp_min(1e-300)).nan_to_num(math.inf).max().item()
+    _fail(
+        bad,
+        what,
+        f"elements beyond the round-off bound (worst error / bound = {ratio:.3g})",
+        lambda i: f"out={out[i].item():.6g} ref={ref[i].item():.6g} bound={bound[i].item():.3g}",
+    )
 
 
 def assert_codes_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """FP8 tensors with the same bytes (NaN codes included)."""
-    o, r = out.cpu().view(torch.uint8), ref.cpu().view(torch.uint8)
-    bad = o != r
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        lines = [
-            f"  {tuple(i)}: out={out.cpu()[tuple(i)].float().item():g} "
-            f"ref={ref.cpu()[tuple(i)].float().item():g}"
-            for i in idx
-        ]
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} FP8 codes differ; first:\n"
-            + "\n".join(lines)
-        )
+    out, ref = out.cpu(), ref.cpu()
+    _fail(
+        out.view(torch.uint8) != ref.view(torch.uint8),
+        what,
+        "FP8 codes differ",
+        lambda i: f"out={out[i].float().item():g} ref={ref[i].float().item():g}",
+    )
+
+
+def check_bad_input(fn, kwargs, error, match) -> None:
+    """`fn(**kwargs)` raises `error` matching `match`; with error None it must succeed."""
+    if error is None:
+        fn(**kwargs)
+        return
+    with pytest.raises(error, match=match):
+        fn(**kwargs)
 
 
 def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
