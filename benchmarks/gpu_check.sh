@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check, for a machine with a GPU and no network: the ops' tests on CUDA (with an
-# M*K > 2^31 case), the sm_90 codegen report, and the GEMM benchmark, in under 8 minutes.
-# Writes logs, CSV and summary.md to RESULTS_DIR (default benchmarks/results/) and prints a
-# short table last.  Usage: benchmarks/gpu_check.sh [RESULTS_DIR]
+# M*K > 2^31 case), the sm_90 codegen report, and the GEMM benchmark, in under 8 minutes (the
+# stage limits add up to 450 s). Writes logs, CSV and summary.md to RESULTS_DIR (default
+# benchmarks/results/), prints a short table last, and exits non-zero if any stage failed.
+#
+#   benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-benchmarks/results}
@@ -11,7 +13,9 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 start=$SECONDS
+marker=$(mktemp)
 STATUS=()
+FAILED=0
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to RESULTS/NAME.log
     local name=$1 limit=$2 t0=$SECONDS rc
@@ -19,6 +23,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to RESULTS/NA
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
     rc=$?
+    [ $rc -ne 0 ] && FAILED=1
     STATUS+=("$name: exit $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (timed out)')")
     tail -n 3 "$RESULTS/$name.log"
 }
@@ -33,12 +38,14 @@ cat "$RESULTS/environment.txt"
 # Kernel compiles dominate the tests' time: spread them over processes where xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 210 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+stage tests 150 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
     tests/test_quantize.py tests/test_fp8_gemm.py tests/test_ops.py --junitxml="$RESULTS/tests.xml"
-stage inspect 120 "$PY" -m fp8nemo.cli inspect --arch sm_90
-stage bench 270 "$PY" -m fp8nemo.cli bench --suite gemm --out "$RESULTS" --markdown
+stage inspect 90 "$PY" -m fp8nemo.cli inspect --arch sm_90
+stage bench 210 "$PY" -m fp8nemo.cli bench --suite gemm --out "$RESULTS" --markdown
 
-csv=$(ls -t "$RESULTS"/bench_gemm_*.csv 2>/dev/null | head -n 1)
+# This run's CSV (a timed-out bench leaves the rows it finished in a .partial file).
+csv=$(find "$RESULTS" -maxdepth 1 -newer "$marker" \( -name 'bench_gemm_*.csv' -o -name 'bench_gemm_*.csv.partial' \) | sort | tail -n 1)
+rm -f "$marker"
 {
     echo "# GPU check $(date -u +%Y-%m-%d)"
     echo
@@ -59,8 +66,10 @@ csv=$(ls -t "$RESULTS"/bench_gemm_*.csv 2>/dev/null | head -n 1)
     grep -vE "  ok$" "$RESULTS/inspect.log" | tail -n 20
     echo '```'
     echo
-    echo "## GEMM benchmark"
-    [ -n "$csv" ] && cat "${csv%.csv}.md"
+    echo "## GEMM benchmark: ${csv:-no CSV}"
+    md="${csv%.partial}"
+    md="${md%.csv}.md"
+    [ -f "$md" ] && cat "$md"
 } >"$RESULTS/summary.md"
 
 echo
@@ -69,3 +78,4 @@ echo "total $((SECONDS - start))s; logs, CSV and summary.md in $RESULTS"
 if [ -n "$csv" ]; then
     "$PY" -c "import sys; from fp8nemo import bench; print(bench.format_compare(bench.read_csv(sys.argv[1])))" "$csv"
 fi
+exit $FAILED

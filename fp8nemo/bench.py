@@ -232,8 +232,9 @@ def _progress(items, desc):
 
 
 def run_suite(
-    suite: str, device: torch.device | None = None, shapes=None, ms=None
+    suite: str, device: torch.device | None = None, shapes=None, ms=None, on_rows=None
 ) -> tuple[Environment, list[Row]]:
+    """Every case of `suite`; `on_rows(env, rows)` sees each case's rows as soon as they exist."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}; got {suite!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,7 +245,10 @@ def run_suite(
     cases = list(cases_fn(env.on_gpu, shapes, ms))
     rows = []
     for case in _progress(cases, f"bench {suite}"):
-        rows += bench_fn(env, device, *case)
+        new = bench_fn(env, device, *case)
+        if on_rows is not None:
+            on_rows(env, new)
+        rows += new
     return env, rows
 
 
@@ -252,16 +256,33 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def write_csv(path: str, rows: list[Row]) -> None:
-    """Write atomically: a temporary file renamed into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
+class CsvSink:
+    """Rows appended to `<stem>.csv.partial` as each case finishes, so a run that is killed keeps
+    what it measured; renamed to `<stem>.csv` when the run completes."""
+
+    def __init__(self, out_dir: str, suite: str):
+        self.out_dir, self.suite = out_dir, suite
+        self.path = self._file = self._writer = None
+
+    def add(self, env: Environment, rows: list[Row]) -> None:
+        if self._writer is None:
+            self.path = os.path.join(self.out_dir, result_stem(env, self.suite) + ".csv")
+            self._file = open(self.path + ".partial", "w", newline="")  # noqa: SIM115
+            self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+            self._writer.writeheader()
         for r in rows:
             d = {**r.env, **{k: v for k, v in asdict(r).items() if k != "env"}}
-            writer.writerow({k: d.get(k) for k in COLUMNS})
-    os.replace(tmp, path)
+            self._writer.writerow({k: d.get(k) for k in COLUMNS})
+        self._file.flush()
+
+    def __enter__(self) -> CsvSink:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._file is not None:
+            self._file.close()
+            if exc_type is None:
+                os.replace(self.path + ".partial", self.path)
 
 
 def format_table(env: Environment, rows: list[Row]) -> str:

@@ -9,6 +9,9 @@ import os
 import sys
 import time
 
+# fp8nemo.bench.NEMO_GEMM_SHAPES keys, spelled here so --help needs no torch import
+NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
+
 
 def _bench(args) -> int:
     import torch
@@ -20,11 +23,11 @@ def _bench(args) -> int:
     from fp8nemo import bench
 
     start = time.perf_counter()
-    env, rows = bench.run_suite(args.suite, shapes=args.shape, ms=args.m)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, bench.result_stem(env, args.suite))
-    bench.write_csv(stem + ".csv", rows)
-    written = [stem + ".csv"]
+    with bench.CsvSink(args.out, args.suite) as sink:
+        env, rows = bench.run_suite(args.suite, shapes=args.shape, ms=args.m, on_rows=sink.add)
+    stem = sink.path.removesuffix(".csv")
+    written = [sink.path]
     if args.markdown:
         with open(stem + ".md", "w") as f:
             f.write(bench.format_markdown(env, rows))
@@ -44,9 +47,6 @@ def _bench(args) -> int:
 def _inspect(args) -> int:
     from fp8nemo import codegen
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("inspect compiles for a GPU; unset TRITON_INTERPRET first", file=sys.stderr)
-        return 2
     done = []
 
     def progress(row):
@@ -60,7 +60,11 @@ def _inspect(args) -> int:
             )
 
     start = time.perf_counter()
-    rows = codegen.inspect_kernels(args.arch, ops=args.op, jobs=args.jobs, progress=progress)
+    try:
+        rows = codegen.inspect_kernels(args.arch, ops=args.op, jobs=args.jobs, progress=progress)
+    except codegen.InspectError as err:
+        print(err, file=sys.stderr)
+        return 2
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="gemm", choices=["gemm"])
     p.add_argument("--out", default=".", help="directory for the CSV (and .md / .png)")
     p.add_argument(
-        "--shape", action="append", help="only this layer (repeatable): qkv, o, gate_up, down"
+        "--shape", action="append", choices=sorted(NEMO_LAYERS), help="only this layer (repeatable)"
     )
     p.add_argument("--m", type=int, action="append", help="only this token count (repeatable)")
     p.add_argument("--markdown", action="store_true", help="also write a markdown table")

@@ -19,31 +19,23 @@ KERNEL_MODULES = ("fp8nemo.kernels.quantize", "fp8nemo.kernels.fp8_gemm")
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
 
 
+class InspectError(RuntimeError):
+    """inspect cannot run in this environment."""
+
+
 @dataclass
 class AotSpec:
-    """One kernel specialization to compile.
-
-    args maps every kernel argument to either a type string ("*fp8e4nv", "i32"; ":16" marks a
-    value divisible by 16, as the JIT specializes at run time) or a constexpr value.
-    """
+    """One launch to compile ahead of time: the launcher's own `Launch` (built on meta tensors),
+    with the MMA kind its SASS must contain, if any."""
 
     op: str
-    kernel: object
     config: str
-    args: dict
-    num_warps: int
-    num_stages: int
-    expect_mma: str | None = None  # the SASS must contain this MMA kind
+    launch: object  # fp8nemo.kernels._triton.Launch
+    expect_mma: str | None = None
 
     @property
     def name(self) -> str:
-        return getattr(self.kernel, "__name__", str(self.kernel))
-
-
-def _is_type(value) -> bool:
-    return isinstance(value, str) and (
-        value.startswith("*") or value.split(":")[0] in ("i32", "i64")
-    )
+        return self.launch.kernel.__name__
 
 
 def _cuda_tool(name: str) -> str:
@@ -52,30 +44,44 @@ def _cuda_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def _signature(spec: AotSpec):
+    """Triton's signature, constexprs and divisibility attributes for the launch's arguments,
+    specialized the way the JIT specializes them at run time (ints equal to 1 become constants,
+    ints and pointers divisible by 16 get the attribute; meta tensors count as aligned)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    kernel, kwargs = spec.launch.kernel, spec.launch.kwargs
+    names = kernel.arg_names
+    positional = dict(zip(names, spec.launch.args, strict=False))
+    missing = [n for n in names if n not in positional and n not in kwargs]
+    if missing:
+        raise ValueError(f"{spec.name}: no value for kernel arguments {missing}")
+    plain = set(kernel.do_not_specialize or ())
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in kwargs:
+            signature[name], constexprs[name] = "constexpr", kwargs[name]
+            continue
+        ty, attr = native_specialize_impl(
+            BaseBackend, positional[name], False, name not in plain, True
+        )
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = attr
+        elif attr == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def compile_spec(spec: AotSpec, cap: int) -> dict:
     """Compile `spec` for compute capability `cap` and read its resources and SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fp8nemo.kernels._triton import COMPILE_OPTIONS
-
-    names = spec.kernel.arg_names
-    missing = set(names) ^ set(spec.args)
-    if missing:
-        raise ValueError(f"{spec.name}: aot spec arguments differ from the kernel's: {missing}")
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        value = spec.args[name]
-        if _is_type(value):
-            ty, _, div = value.partition(":")
-            signature[name] = ty
-            if div == "16":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-    src = triton.compiler.ASTSource(spec.kernel, signature, constexprs, attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
+    signature, constexprs, attrs = _signature(spec)
+    src = triton.compiler.ASTSource(spec.launch.kernel, signature, constexprs, attrs)
+    options = {k: v for k, v in spec.launch.kwargs.items() if k not in spec.launch.kernel.arg_names}
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -100,8 +106,8 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
         "kernel": spec.name,
         "config": spec.config,
         "arch": f"sm_{cap}",
-        "num_warps": spec.num_warps,
-        "num_stages": spec.num_stages,
+        "num_warps": spec.launch.kwargs["num_warps"],
+        "num_stages": spec.launch.kwargs["num_stages"],
         "registers": int(res.get("REG", -1)),
         # Per-thread stack frame + local memory: where spilled registers go (our kernels keep
         # no arrays in local memory).
@@ -147,7 +153,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
 def inspect_kernels(arch: str, ops=None, jobs: int | None = None, progress=None) -> list[dict]:
     """Compile every kernel spec for `arch` ("sm_90" / "sm_89") and return one row per spec."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("inspect compiles for a GPU: unset TRITON_INTERPRET")
+        raise InspectError("inspect compiles for a GPU; unset TRITON_INTERPRET first")
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}; got {arch!r}")
     cap = ARCHS[arch]

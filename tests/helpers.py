@@ -6,9 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
 
 # Unit round-off (half an ulp at 1.0) of each output dtype.
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# Within one K-tile an FP8 MMA chain accumulates in the tensor core: about 14 bits on Hopper
+# (DeepSeek-V3 report), truncating, so 2^-13 per addition; the interpreter's dot is numpy fp32.
+MMA_UNIT_ROUNDOFF = 2.0**-13 if DEVICE == "cuda" else 2.0**-24
 E4M3_NAN_CODE = 0x7F
 
 

@@ -55,3 +55,9 @@ def test_inspect_refuses_the_interpreter():
         [sys.executable, "-m", "fp8nemo.cli", "inspect"], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_the_cli_knows_the_bench_layers():
+    from fp8nemo import cli
+
+    assert set(cli.NEMO_LAYERS) == set(bench.NEMO_GEMM_SHAPES)

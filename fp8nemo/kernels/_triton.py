@@ -117,6 +117,7 @@ def _warn_torch_path(op: str) -> None:
     )
 
 
+@functools.cache
 def capability(device: torch.device) -> tuple[int, int]:
     """The compute capability configs are chosen for; the interpreter reports (0, 0)."""
     if INTERPRET or device.type != "cuda":
@@ -165,14 +166,18 @@ class Autotuner:
     def choose(
         self,
         key: tuple,
-        candidates: Sequence[KernelConfig],
+        candidates: Callable[[], Sequence[KernelConfig]],
         launch: Callable[[KernelConfig], object],
     ) -> KernelConfig:
-        if not candidates:
-            raise RuntimeError(f"{self.op}: no launch config fits key {key}")
+        """The config for `key`; `candidates()` is only built on a cache miss, so a tuned
+        decode step pays no host time for pruning."""
         if key in self.cache:
             return self.cache[key]
+        candidates = candidates()
+        if not candidates:
+            raise RuntimeError(f"{self.op}: no launch config fits key {key}")
         if len(candidates) == 1 or INTERPRET or os.environ.get("FP8NEMO_AUTOTUNE", "1") == "0":
+            self.cache[key] = candidates[0]
             return candidates[0]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             logger.warning(
@@ -218,6 +223,17 @@ def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
+def check_types(**named: tuple[object, type | tuple[type, ...]]) -> None:
+    """TypeError naming the first argument whose value is not of its allowed type(s)."""
+    for name, (value, types) in named.items():
+        if not isinstance(value, types):
+            allowed = " or ".join(
+                "None" if t is type(None) else f"{t.__module__}.{t.__qualname__}"
+                for t in (types if isinstance(types, tuple) else (types,))
+            )
+            raise TypeError(f"{name} must be {allowed}; got {type(value).__name__}")
+
+
 def check_tensor(
     name: str, t: object, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None
 ) -> torch.Tensor:
@@ -253,3 +269,26 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 # Passed to every launch: FMA contraction stays on whatever Triton's default becomes (3.9 warns
 # that 3.10 turns it off), so compiled numerics don't change under a Triton upgrade.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+@dataclass
+class Launch:
+    """One kernel launch, `kernel[grid](*args, **kwargs)`, kept as data so that `fp8nemo inspect`
+    compiles exactly the specializations the launchers run."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def launch(kernel, grid, *args, num_warps=4, num_stages=3, **constexprs) -> Launch:
+    return Launch(
+        kernel,
+        grid,
+        args,
+        dict(constexprs, num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS),
+    )

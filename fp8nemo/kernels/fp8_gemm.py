@@ -7,9 +7,11 @@ Shapes (the kernel computes C[m, n] = sum_k A[m, k] B[n, k]):
     b_scale  [] / [1] tensor, [N, 1] channel, [ceil(N/128), ceil(K/128)] block
     bias     [N]     out  [M, N] bf16 / fp16 / fp32
 
-Decode (M <= 64) swaps the operands: the weight fills the MMA's 64-row side, the few tokens its
-narrow side, and the kernel writes C transposed (swap-AB). Split-K programs write fp32 partials
-that one small kernel sums in a fixed order (deterministic), adding the bias.
+Every 128-wide K-tile is promoted into an fp32 accumulator: Hopper's FP8 MMA accumulates in
+about 14 bits, and Triton would otherwise chain the whole K loop through it. Decode (M <= 64)
+swaps the operands: the weight fills the MMA's 64-row side, the few tokens its narrow side, and
+the kernel writes C transposed (swap-AB). Split-K programs write fp32 partials that one small
+kernel sums in a fixed order (deterministic), adding the bias.
 """
 
 from __future__ import annotations
@@ -23,20 +25,21 @@ import triton.language as tl
 from fp8nemo.quant import fp8 as fp8_ref
 
 from ._triton import (
-    COMPILE_OPTIONS,
     Autotuner,
     KernelConfig,
+    Launch,
     capability,
     check_same_device,
     check_tensor,
+    check_types,
+    launch,
     m_bucket,
     num_sms,
     register_op,
     use_triton,
 )
 
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # also the bias dtypes
 SCALE_BLOCK = fp8_ref.BLOCK
 SMALL_M = 64  # at or below: swap-AB configs
 # (a_scale kind, b_scale kind) pairs, in the order an ambiguous shape is resolved.
@@ -49,45 +52,48 @@ SCALE_PAIRS = (
 )
 
 
-def _config(name, bm, bn, bk, warps, stages, split=1, swap=False, group_m=8):
+def _config(prefix, bm, bn, bk, warps, stages, split=1, swap=False, group_m=8):
+    """A named config; swap-AB configs tile the weight's rows with BLOCK_M and the tokens with
+    BLOCK_N, which is M's bucket (at least 16), hence 'M' in the name and bn=0 here."""
+    name = f"{prefix}{bm}x{'M' if swap else bn}x{bk}w{warps}s{stages}"
+    name += (f"k{split}" if split > 1 else "") + ("swap" if swap else "")
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=group_m, SWAP=swap)
     return KernelConfig(name, meta, warps, stages)
 
 
-# Tile shapes are written in the kernel's orientation: for swap-AB configs BLOCK_M tiles the
-# weight's rows and BLOCK_N the tokens (0 = the token count's bucket, at least 16).
+# Every config holds two fp32 tiles (accumulator + the K-tile's partial) in at most 128
+# registers per thread: BLOCK_M * BLOCK_N * 2 <= 128 * 32 * num_warps. 16 warps would allow
+# 128x256 tiles but cap a thread at 128 registers, and those configs spill.
 HOPPER_CONFIGS = [
-    _config("h128x256x128w8s3", 128, 256, 128, 8, 3),
-    _config("h256x128x128w8s3", 256, 128, 128, 8, 3),
-    _config("h128x128x128w8s4", 128, 128, 128, 8, 4),
-    _config("h128x128x128w4s4", 128, 128, 128, 4, 4),
-    _config("h64x128x128w4s5", 64, 128, 128, 4, 5),
-    _config("h128x128x128w8s4k2", 128, 128, 128, 8, 4, split=2),
-    _config("h64x128x128w4s5k4", 64, 128, 128, 4, 5, split=4),
+    _config("h", 128, 128, 128, 8, 4),
+    _config("h", 64, 256, 128, 8, 4),
+    _config("h", 128, 64, 128, 4, 5),
+    _config("h", 64, 128, 128, 4, 5),
+    _config("h", 128, 128, 128, 8, 4, split=2),
+    _config("h", 64, 128, 128, 4, 5, split=4),
     # decode, swap-AB
-    _config("h128xMx128w4s6swap", 128, 0, 128, 4, 6, swap=True),
-    _config("h64xMx128w4s8swap", 64, 0, 128, 4, 8, swap=True),
-    _config("h64xMx256w4s4swap", 64, 0, 256, 4, 4, swap=True),
-    _config("h64xMx128w4s8k2swap", 64, 0, 128, 4, 8, split=2, swap=True),
-    _config("h64xMx128w4s8k4swap", 64, 0, 128, 4, 8, split=4, swap=True),
-    _config("h128xMx128w4s6k4swap", 128, 0, 128, 4, 6, split=4, swap=True),
-    _config("h64xMx128w4s8k8swap", 64, 0, 128, 4, 8, split=8, swap=True),
+    _config("h", 128, 0, 128, 4, 6, swap=True),
+    _config("h", 64, 0, 128, 4, 8, swap=True),
+    _config("h", 64, 0, 128, 4, 8, split=2, swap=True),
+    _config("h", 64, 0, 128, 4, 8, split=4, swap=True),
+    _config("h", 128, 0, 128, 4, 6, split=4, swap=True),
+    _config("h", 64, 0, 128, 4, 8, split=8, swap=True),
 ]
 # Ada has ~100 KB of shared memory per SM and no wgmma: smaller tiles, fewer stages.
 ADA_CONFIGS = [
-    _config("a128x128x128w8s2", 128, 128, 128, 8, 2),
-    _config("a128x64x128w4s3", 128, 64, 128, 4, 3),
-    _config("a64x128x128w4s3", 64, 128, 128, 4, 3),
-    _config("a64x64x128w4s4", 64, 64, 128, 4, 4),
-    _config("a64x64x128w4s4k4", 64, 64, 128, 4, 4, split=4),
-    _config("a64xMx128w4s4swap", 64, 0, 128, 4, 4, swap=True),
-    _config("a64xMx128w4s4k4swap", 64, 0, 128, 4, 4, split=4, swap=True),
+    _config("a", 128, 128, 128, 8, 2),
+    _config("a", 128, 64, 128, 4, 3),
+    _config("a", 64, 128, 128, 4, 3),
+    _config("a", 64, 64, 128, 4, 4),
+    _config("a", 64, 64, 128, 4, 4, split=4),
+    _config("a", 64, 0, 128, 4, 4, swap=True),
+    _config("a", 64, 0, 128, 4, 4, split=4, swap=True),
 ]
 # The interpreter pays per program, so its default tiles are large; tests pick others explicitly.
 INTERPRETER_CONFIGS = [
-    _config("i64x64x128", 64, 64, 128, 4, 1),
-    _config("i64xMx128k2swap", 64, 0, 128, 4, 1, split=2, swap=True),
-    _config("i64xMx128swap", 64, 0, 128, 4, 1, swap=True),
+    _config("i", 64, 64, 128, 4, 1),
+    _config("i", 64, 0, 128, 4, 1, split=2, swap=True),
+    _config("i", 64, 0, 128, 4, 1, swap=True),
 ]
 
 
@@ -97,40 +103,45 @@ def configs_for(cap: tuple[int, int]) -> list[KernelConfig]:
     return HOPPER_CONFIGS if cap >= (9, 0) else ADA_CONFIGS
 
 
-def fits(config, block_scaled, block_n):
-    """Whether `config` can run a scheme at all: block scales need BLOCK_K = 128 (the scale
-    block) and room for two fp32 tiles (accumulator + per-block partial) in 128 registers per
-    thread."""
+def fits(config: KernelConfig, block_scaled: bool, block_n: int) -> bool:
+    """Whether `config` can run at all: two fp32 tiles in 128 registers per thread, and for
+    block scales BLOCK_K = 128, the scale block."""
     bm, bk = config.meta["BLOCK_M"], config.meta["BLOCK_K"]
-    return not block_scaled or (
-        bk == SCALE_BLOCK and 2 * bm * block_n <= 128 * 32 * config.num_warps
+    regs_ok = 2 * bm * block_n <= 128 * 32 * config.num_warps
+    return regs_ok and (not block_scaled or bk == SCALE_BLOCK)
+
+
+def with_token_tile(config: KernelConfig, M: int) -> KernelConfig:
+    """Swap-AB configs take M's bucket (at least 16) as their token tile."""
+    if not config.meta["SWAP"]:
+        return config
+    bn = max(16, m_bucket(M))
+    return KernelConfig(
+        config.name, {**config.meta, "BLOCK_N": bn}, config.num_warps, config.num_stages
     )
 
 
 def prune_configs(configs, M, N, K, block_scaled, sms):
     """The configs worth timing for this problem, in preference order: swap-AB exactly when
-    M <= 64 (its token tile is M's bucket, at least 16), split-K only while the output tiles
-    leave SMs idle and each split keeps at least two K-tiles."""
-    small = M <= SMALL_M
+    M <= 64, split-K only while the output tiles leave SMs idle and each split keeps at least
+    two K-tiles."""
     kept = []
     for c in configs:
-        bm, bn, bk, split = (c.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if c.meta["SWAP"] != small:
+        if c.meta["SWAP"] != (M <= SMALL_M):
             continue
-        if c.meta["SWAP"]:
-            bn = max(16, m_bucket(M))
-            tiles = triton.cdiv(N, bm) * triton.cdiv(M, bn)
-        else:
-            tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        c = with_token_tile(c, M)
+        bm, bn, bk, split = (c.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        rows, cols = (N, M) if c.meta["SWAP"] else (M, N)
+        tiles = triton.cdiv(rows, bm) * triton.cdiv(cols, bn)
         if not fits(c, block_scaled, bn):
             continue
         if split > 1 and (tiles >= sms or triton.cdiv(K, bk) < 2 * split):
             continue
-        kept.append(KernelConfig(c.name, {**c.meta, "BLOCK_N": bn}, c.num_warps, c.num_stages))
+        kept.append(c)
     return kept
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "N"])  # M is the token count, N too under swap-AB
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     M, N, K,
@@ -182,14 +193,23 @@ def _fp8_gemm_kernel(
             k_mask = offs_k < K - kt * BLOCK_K
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+        # A fresh MMA chain per K-tile, added into the fp32 accumulator (see the module doc).
+        part = tl.dot(a, tl.trans(b))
         if BLOCK_SCALED:
-            # Promote each K-block into the fp32 accumulator: Hopper's FP8 MMA accumulates
-            # in fewer than 32 bits, and each block has its own scales anyway.
-            a_s = tl.load(a_scale_ptrs + kt * stride_ask)
-            b_s = tl.load(b_scale_ptrs + kt * stride_bsk)
-            acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+            # A tile no taller than a 128-row scale block lies inside one: a single scale,
+            # which saves the registers of a per-row vector.
+            if A_SCALE_ROWS % BLOCK_M == 0:
+                row = pid_m * BLOCK_M // A_SCALE_ROWS
+                a_s = tl.load(a_scale_ptr + row * stride_asm + kt * stride_ask)
+            else:
+                a_s = tl.load(a_scale_ptrs + kt * stride_ask)[:, None]
+            if B_SCALE_ROWS % BLOCK_N == 0:
+                row = pid_n * BLOCK_N // B_SCALE_ROWS
+                b_s = tl.load(b_scale_ptr + row * stride_bsn + kt * stride_bsk)
+            else:
+                b_s = tl.load(b_scale_ptrs + kt * stride_bsk)[None, :]
+            part = part * a_s * b_s
+        acc += part
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if not BLOCK_SCALED:
@@ -200,7 +220,7 @@ def _fp8_gemm_kernel(
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K > 1:
-        tl.store(c_ptrs + pid_k * stride_cs, acc, mask=c_mask)
+        tl.store(c_ptrs + pid_k.to(tl.int64) * stride_cs, acc, mask=c_mask)
     else:
         if BIAS == 1:
             acc += tl.load(bias_ptr + rows_a).to(tl.float32)[:, None]
@@ -220,7 +240,7 @@ def _split_k_reduce_kernel(
     mask = offs < numel
     acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
+        acc += tl.load(partial_ptr + s * numel.to(tl.int64) + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -250,7 +270,7 @@ def _check_args(a, a_scale, b, b_scale, bias, out_dtype):
     check_tensor("a_scale", a_scale, (torch.float32,))
     check_tensor("b_scale", b_scale, (torch.float32,))
     if bias is not None:
-        check_tensor("bias", bias, BIAS_DTYPES, ndim=1)
+        check_tensor("bias", bias, OUT_DTYPES, ndim=1)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of bfloat16, float16, float32; got {out_dtype}")
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
@@ -297,8 +317,9 @@ def _scale_strides(scale, kind):
     return scale.stride(0), scale.stride(1)
 
 
-def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config):
-    """Run `config` for out = a @ b.T; config.meta SWAP computes out.T = b @ a.T instead."""
+def _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> list[Launch]:
+    """The launches that compute out = a @ b.T with `config`; under SWAP they compute
+    out.T = b @ a.T, writing out through transposed strides."""
     M, K = a.shape
     N = b.shape[0]
     meta = dict(config.meta)
@@ -318,20 +339,29 @@ def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config):
         else torch.empty((split, *out.shape), dtype=torch.float32, device=a.device)
     )
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-    _fp8_gemm_kernel[grid](
+    gemm = launch(
+        _fp8_gemm_kernel, grid,
         a, b, c, a_scale, b_scale, bias,
         M, N, K,
-        a.stride(0), b.stride(0), stride_cm, stride_cn, out.numel(),
+        a.stride(0), b.stride(0), stride_cm, stride_cn, out.numel() if split > 1 else 0,
         *sa, *sb,
         BLOCK_SCALED=block_scaled, A_SCALE_ROWS=rows_a, B_SCALE_ROWS=rows_b, BIAS=bias_dim,
         EVEN_K=K % meta["BLOCK_K"] == 0, **meta,
-        num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if split > 1:
-        _split_k_reduce_kernel[(triton.cdiv(out.numel(), REDUCE_BLOCK),)](
-            c, out, bias, out.numel(), out.shape[1],
-            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, **COMPILE_OPTIONS,
-        )  # fmt: skip
+    if split == 1:
+        return [gemm]
+    reduce = launch(
+        _split_k_reduce_kernel, (triton.cdiv(out.numel(), REDUCE_BLOCK),),
+        c, out, bias, out.numel(), out.shape[1],
+        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK,
+    )  # fmt: skip
+    return [gemm, reduce]
+
+
+def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> None:
+    for step in _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config):
+        step()
 
 
 _tuner = Autotuner("fp8_gemm")
@@ -354,12 +384,11 @@ def _fp8_gemm_impl(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
     if M == 0 or N == 0:
         return out
     key = (a.device, a_kind, b_kind, bias is not None, out_dtype, m_bucket(M), N, a.shape[1])
-    candidates = candidate_configs(a, b, a_kind == "group")
 
-    def launch(config):
+    def run(config):
         _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config)
 
-    launch(_tuner.choose(key, candidates, launch))
+    run(_tuner.choose(key, lambda: candidate_configs(a, b, a_kind == "group"), run))
     return out
 
 
@@ -390,68 +419,42 @@ def fp8_gemm(
     per-tensor/per-token x per-tensor/per-channel, or 1x128 groups x 128x128 blocks (see the
     module docstring for shapes). Accumulates in fp32.
     """
+    # Types the op's schema would reject with a dispatcher RuntimeError; the rest is checked
+    # where the op runs, so torch.ops.fp8nemo.fp8_gemm checks it too.
+    check_types(
+        a=(a, torch.Tensor),
+        a_scale=(a_scale, torch.Tensor),
+        b=(b, torch.Tensor),
+        b_scale=(b_scale, torch.Tensor),
+        bias=(bias, (torch.Tensor, type(None))),
+        out_dtype=(out_dtype, torch.dtype),
+    )
     return torch.ops.fp8nemo.fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype)
 
 
 def aot_specs(cap: int):
-    """Every config for compute capability `cap` at NeMo-like sizes (N, K divisible by 16), with
-    row scales and, where the config fits them, block scales; decode configs at 16 and 64 tokens.
-    Each FP8 main loop must compile to QGMMA on Hopper and QMMA on Ada."""
+    """Every config for compute capability `cap` at NeMo's qkv shape (K 5120 -> N 6144), with row
+    scales and, where the config fits them, block scales; decode configs at 16 and 64 tokens.
+    The launches are the launcher's own, on meta tensors; each FP8 main loop must compile to
+    QGMMA on Hopper and QMMA on Ada."""
     from fp8nemo.codegen import AotSpec
 
+    N, K = 6144, 5120
     mma = "QGMMA" if cap >= 90 else "QMMA"
     specs = []
-    for c in configs_for((cap // 10, cap % 10)):
-        for bn in (16, 64) if c.meta["SWAP"] else (c.meta["BLOCK_N"],):
-            for block_scaled in (False, True):
-                if not fits(c, block_scaled, bn):
+    for config in configs_for((cap // 10, cap % 10)):
+        for M in (16, 64) if config.meta["SWAP"] else (4096,):
+            c = with_token_tile(config, M)
+            name = c.name.replace("xM", f"x{c.meta['BLOCK_N']}")
+            for a_kind, b_kind in (("token", "channel"), ("group", "block")):
+                if not fits(c, a_kind == "group", c.meta["BLOCK_N"]):
                     continue
-                meta = {**c.meta, "BLOCK_N": bn}
-                swap, split = meta.pop("SWAP"), meta["SPLIT_K"]
-                scheme = "group/block" if block_scaled else "token/channel"
-                # (row, K-tile) scale strides: [rows, K/128] blocks or [rows, 1] rows.
-                sc = ("i32", 1) if block_scaled else (1, "i32:16")
-                args = dict(
-                    a_ptr="*fp8e4nv:16", b_ptr="*fp8e4nv:16",
-                    c_ptr="*bf16:16" if split == 1 else "*fp32:16",
-                    a_scale_ptr="*fp32:16", b_scale_ptr="*fp32:16", bias_ptr=None,
-                    M="i32", N="i32:16", K="i32:16",
-                    stride_am="i32:16", stride_bn="i32:16",
-                    stride_cm=1 if swap else "i32:16", stride_cn="i32:16" if swap else 1,
-                    stride_cs="i32",
-                    BLOCK_SCALED=block_scaled, BIAS=0, EVEN_K=True, **meta,
-                )  # fmt: skip
-                a_rows, b_rows = (SCALE_BLOCK, 1) if swap else (1, SCALE_BLOCK)
-                args.update(
-                    stride_asm=sc[0],
-                    stride_ask=sc[1],
-                    stride_bsn=sc[0],
-                    stride_bsk=sc[1],
-                    A_SCALE_ROWS=a_rows if block_scaled else 1,
-                    B_SCALE_ROWS=b_rows if block_scaled else 1,
-                )
-                name = c.name.replace("xM", f"x{bn}") if swap else c.name
-                specs.append(
-                    AotSpec("fp8_gemm", _fp8_gemm_kernel, f"{name} {scheme}", args,
-                            c.num_warps, c.num_stages, expect_mma=mma)
-                )  # fmt: skip
-    specs.append(
-        AotSpec(
-            "fp8_gemm",
-            _split_k_reduce_kernel,
-            f"BLOCK={REDUCE_BLOCK} SPLIT_K=4",
-            dict(
-                partial_ptr="*fp32:16",
-                c_ptr="*bf16:16",
-                bias_ptr=None,
-                numel="i32",
-                N="i32:16",
-                SPLIT_K=4,
-                HAS_BIAS=False,
-                BLOCK=REDUCE_BLOCK,
-            ),
-            4,
-            1,
-        )  # fmt: skip
-    )
+                a = torch.empty(M, K, dtype=fp8_ref.E4M3, device="meta")
+                b = torch.empty(N, K, dtype=fp8_ref.E4M3, device="meta")
+                a_s = torch.empty(fp8_ref.scale_shape(a.shape, a_kind), device="meta")
+                b_s = torch.empty(fp8_ref.scale_shape(b.shape, b_kind), device="meta")
+                out = torch.empty(M, N, dtype=torch.bfloat16, device="meta")
+                for step in _launches(a, a_s, a_kind, b, b_s, b_kind, None, out, c):
+                    expect = mma if step.kernel is _fp8_gemm_kernel else None
+                    specs.append(AotSpec("fp8_gemm", f"{name} {a_kind}/{b_kind}", step, expect))
     return specs

@@ -16,10 +16,12 @@ import triton.language as tl
 from fp8nemo.quant import fp8 as fp8_ref
 
 from ._triton import (
-    COMPILE_OPTIONS,
     INTERPRET,
+    Launch,
     check_same_device,
     check_tensor,
+    check_types,
+    launch,
     register_op,
     use_triton,
 )
@@ -60,6 +62,18 @@ def _to_e4m3(x, scale):
     return q.to(tl.float8e4nv)
 
 
+@triton.jit
+def _rows_amax_bits(x_rows, row_mask, K, BLOCK_K: tl.constexpr):
+    # x_rows: [ROWS] row pointers -> [ROWS, BLOCK_K] running max of _abs_bits over the rows
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([x_rows.shape[0], BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_mask[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_rows[:, None] + (k0 + cols)[None, :], mask=mask, other=0.0)
+        amax = tl.maximum(amax, _abs_bits(x.to(tl.float32)))
+    return amax
+
+
 @triton.jit(do_not_specialize=["M"])
 def _absmax_kernel(
     x_ptr, amax_bits_ptr,
@@ -69,13 +83,8 @@ def _absmax_kernel(
 ):  # fmt: skip
     # amax over the whole tensor, as int32 bits (see _abs_bits) so an integer atomic max works.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    amax = tl.zeros([ROWS, BLOCK_K], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = (rows < M)[:, None] & (k0 + cols < K)[None, :]
-        x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, _abs_bits(x))
+    x_rows = x_ptr + rows.to(tl.int64) * stride_xm
+    amax = _rows_amax_bits(x_rows, rows < M, K, BLOCK_K)
     tl.atomic_max(amax_bits_ptr, tl.max(tl.max(amax, 1), 0))
 
 
@@ -92,14 +101,9 @@ def _quantize_rows_kernel(
     row_mask = rows < M
     rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows[:, None] * stride_xm
+    x_rows = x_ptr + rows * stride_xm
     if SCALE_FROM == 1:
-        amax = tl.zeros([ROWS, BLOCK_K], tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = row_mask[:, None] & (k0 + cols < K)[None, :]
-            x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, _abs_bits(x))
-        scale = _scale_of(tl.max(amax, 1))
+        scale = _scale_of(tl.max(_rows_amax_bits(x_rows, row_mask, K, BLOCK_K), 1))
         tl.store(scale_ptr + rows * stride_sm, scale, mask=row_mask)
     elif SCALE_FROM == 2:
         scale = _scale_of(tl.load(amax_bits_ptr + rows * 0))
@@ -108,7 +112,7 @@ def _quantize_rows_kernel(
         scale = tl.load(scale_ptr + rows * stride_sm, mask=row_mask, other=1.0)
     for k0 in range(0, K, BLOCK_K):
         mask = row_mask[:, None] & (k0 + cols < K)[None, :]
-        x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows[:, None] + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(
             y_ptr + rows[:, None] * K + (k0 + cols)[None, :], _to_e4m3(x, scale[:, None]), mask=mask
         )
@@ -176,39 +180,48 @@ def _rows_tile(k: int) -> tuple[int, int]:
     return max(1, min(MAX_ROWS, TILE_ELEMS // block_k)), block_k
 
 
-def _launch(x2, y, granularity, scale, out_scale, group_size):
-    """x2 [M, K] -> y [M, K]; writes out_scale unless static (then reads scale)."""
+def _launches(x2, y, granularity, scale, out_scale, group_size) -> list[Launch]:
+    """x2 [M, K] -> y [M, K]; writes out_scale, or reads the static `scale` when given."""
     M, K = x2.shape
     if granularity == "group":
-        s = scale if scale is not None else out_scale
-        s = s.reshape(M, -1)
+        s = (scale if scale is not None else out_scale).reshape(M, -1)
         n_groups = triton.cdiv(K, group_size)
         groups = min(triton.next_power_of_2(n_groups), max(1, TILE_ELEMS // group_size))
         rows = max(1, min(MAX_ROWS, TILE_ELEMS // (groups * group_size)))
         grid = (triton.cdiv(M, rows), triton.cdiv(n_groups, groups))
-        _quantize_groups_kernel[grid](
-            x2, y, s, M, K, x2.stride(0), s.stride(0), s.stride(1),
-            STATIC=scale is not None, ROWS=rows, GROUPS=groups, GROUP=group_size, **COMPILE_OPTIONS,
-        )  # fmt: skip
-        return
+        return [
+            launch(
+                _quantize_groups_kernel, grid,
+                x2, y, s, M, K, x2.stride(0), s.stride(0), s.stride(1),
+                STATIC=scale is not None, ROWS=rows, GROUPS=groups, GROUP=group_size,
+            )
+        ]  # fmt: skip
     rows, block_k = _rows_tile(K)
     grid = (triton.cdiv(M, rows),)
-    amax_bits = None
-    if scale is not None:
-        s, from_ = scale.reshape(-1, 1), 0
-    else:
-        s = out_scale.reshape(-1, 1)
-        from_ = 1 if granularity == "token" else 2
-        if granularity == "tensor":
-            amax_bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
-            _absmax_kernel[grid](
-                x2, amax_bits, M, K, x2.stride(0), ROWS=rows, BLOCK_K=block_k, **COMPILE_OPTIONS
+    steps, amax_bits = [], None
+    s = (scale if scale is not None else out_scale).reshape(-1, 1)
+    scale_from = 0 if scale is not None else (1 if granularity == "token" else 2)
+    if scale_from == 2:
+        amax_bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
+        steps.append(
+            launch(
+                _absmax_kernel, grid, x2, amax_bits, M, K, x2.stride(0), ROWS=rows, BLOCK_K=block_k
             )
+        )
     stride_sm = s.stride(0) if s.shape[0] > 1 else 0
-    _quantize_rows_kernel[grid](
-        x2, y, s, amax_bits, M, K, x2.stride(0), stride_sm,
-        SCALE_FROM=from_, ROWS=rows, BLOCK_K=block_k, **COMPILE_OPTIONS,
+    steps.append(
+        launch(
+            _quantize_rows_kernel, grid,
+            x2, y, s, amax_bits, M, K, x2.stride(0), stride_sm,
+            SCALE_FROM=scale_from, ROWS=rows, BLOCK_K=block_k,
+        )
     )  # fmt: skip
+    return steps
+
+
+def _launch(x2, y, granularity, scale, out_scale, group_size) -> None:
+    for step in _launches(x2, y, granularity, scale, out_scale, group_size):
+        step()
 
 
 def _quantize_fp8_impl(x, granularity="token", *, scale=None, group_size=128):
@@ -264,33 +277,29 @@ def quantize_fp8(
     granularity: "tensor" (scale `[1]`), "token" (`[..., 1]`) or "group" (`[..., ceil(K/G)]`,
     G = group_size). A given fp32 `scale` of that shape means static quantization with it.
     """
+    check_types(
+        x=(x, torch.Tensor),
+        granularity=(granularity, str),
+        scale=(scale, (torch.Tensor, type(None))),
+        group_size=(group_size, int),
+    )
     return torch.ops.fp8nemo.quantize_fp8(x, granularity, scale=scale, group_size=group_size)
 
 
 def aot_specs(cap: int):
-    """The GPU tiles for a bf16 input with K = 5120 (NeMo's hidden size), every scale source."""
+    """The launcher's own launches for a bf16 [4096, 5120] input (NeMo's hidden size), for every
+    granularity, dynamic and static, on meta tensors."""
     from fp8nemo.codegen import AotSpec
 
-    rows, block_k = _rows_tile(5120)
-    common = dict(
-        x_ptr="*bf16:16", M="i32", K="i32:16", stride_xm="i32:16", ROWS=rows, BLOCK_K=block_k
-    )
-    specs = [
-        AotSpec("quantize_fp8", _absmax_kernel, f"tensor amax {rows}x{block_k}",
-                dict(common, amax_bits_ptr="*i32:16"), 4, 3),
-    ]  # fmt: skip
-    for scale_from, label in ((0, "static"), (1, "token"), (2, "tensor")):
-        args = dict(common, y_ptr="*fp8e4nv:16", scale_ptr="*fp32:16", amax_bits_ptr="*i32:16",
-                    stride_sm=1 if scale_from == 1 else "i32:16",
-                    SCALE_FROM=scale_from)  # fmt: skip
-        specs.append(
-            AotSpec("quantize_fp8", _quantize_rows_kernel, f"{label} {rows}x{block_k}", args, 4, 3)
-        )
-    groups = TILE_ELEMS // 128
-    for static in (False, True):
-        args = dict(x_ptr="*bf16:16", y_ptr="*fp8e4nv:16", scale_ptr="*fp32:16",
-                    M="i32", K="i32:16", stride_xm="i32:16", stride_sm="i32", stride_sg=1,
-                    STATIC=static, ROWS=1, GROUPS=groups, GROUP=128)  # fmt: skip
-        label = f"group {'static' if static else 'dynamic'} 1x{groups}x128"
-        specs.append(AotSpec("quantize_fp8", _quantize_groups_kernel, label, args, 4, 3))
+    x = torch.empty(4096, 5120, dtype=torch.bfloat16, device="meta")
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device="meta")
+    specs = []
+    for granularity in GRANULARITIES:
+        shape = fp8_ref.scale_shape(x.shape, granularity)
+        for static in (False, True):
+            scale = torch.empty(shape, device="meta") if static else None
+            out_scale = torch.empty(shape, device="meta")
+            label = f"{granularity} {'static' if static else 'dynamic'}"
+            for step in _launches(x, y, granularity, scale, out_scale, 128):
+                specs.append(AotSpec("quantize_fp8", label, step))
     return specs
