@@ -48,6 +48,35 @@ def test_opcheck_fp8_gemm(pair, bias, device, gen):
             assert torch.equal(t.view(torch.uint8), t0.view(torch.uint8)), "an input was mutated"
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_opcheck_rope(fp8_cache, device, gen):
+    from fp8nemo.kernels import rope_cache
+
+    T, HQ, HK, D = 6, 4, 2, 64
+    q = randn(T, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
+    k = randn(T, HK, D, gen=gen, dtype=torch.bfloat16, device=device)
+    v = randn(T, HK, D, gen=gen, dtype=torch.bfloat16, device=device)
+    positions = torch.arange(T, device=device)
+    cos_sin = rope_cache(D, 64, 1e4, device=device)
+    torch.library.opcheck(
+        torch.ops.fp8nemo.rope_.default, (q.clone(), k.clone(), positions, cos_sin)
+    )
+    cache_dtype = torch.float8_e4m3fn if fp8_cache else torch.bfloat16
+    k_cache = torch.zeros(2, 8, HK, D, device=device).to(cache_dtype)
+    v_cache = torch.zeros(2, 8, HK, D, device=device).to(cache_dtype)
+    kwargs = {}
+    if fp8_cache:
+        kwargs = {
+            "k_scale": torch.full((1,), 0.02, device=device),
+            "v_scale": torch.full((HK,), 0.03, device=device),
+        }
+    args = (q, k, v, positions, cos_sin, k_cache, v_cache, torch.arange(T, device=device))
+    # test_schema compares tensors with torch.allclose, which has no float8 CPU kernel.
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    check = {"test_utils": utils} if fp8_cache else {}
+    torch.library.opcheck(torch.ops.fp8nemo.rope_kv_cache_.default, args, kwargs, **check)
+
+
 def linear_fp8(x, w_fp8, w_scale, bias):
     # x: [B, S, K] bf16 -> [B, S, N]
     B, S, K = x.shape

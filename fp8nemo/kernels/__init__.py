@@ -2,5 +2,6 @@
 
 from .fp8_gemm import fp8_gemm
 from .quantize import quantize_fp8
+from .rope import rope_, rope_cache, rope_kv_cache_
 
-__all__ = ["fp8_gemm", "quantize_fp8"]
+__all__ = ["fp8_gemm", "quantize_fp8", "rope_", "rope_cache", "rope_kv_cache_"]

@@ -1,0 +1,315 @@
+"""RoPE: the cos/sin table against HF transformers' rope init functions, the in-place rotation
+against HF's apply_rotary_pos_emb and the fp32 reference, and the fused KV-cache write against
+the unfused path, bit for bit."""
+
+import importlib
+import math
+
+import pytest
+import torch
+from helpers import UNIT_ROUNDOFF, assert_codes_equal, assert_within, check_bad_input, randn
+
+from fp8nemo.kernels import rope_, rope_cache, rope_kv_cache_
+from fp8nemo.kernels.rope import kv_cache_write_reference, rope_reference
+
+R = importlib.import_module("fp8nemo.kernels.rope")
+E4M3 = torch.float8_e4m3fn
+MAX_POS = 131072
+SCALINGS = {
+    "none": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "yarn-mscale": {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2,
+    },
+    "llama3": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}  # fmt: skip
+
+
+def hf_inv_freq(rot_dim, theta, scaling, max_pos):
+    """HF transformers' own rope init function for this scaling."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "default", "rope_theta": theta}
+    max_position = max_pos
+    if scaling is not None:
+        params = {**scaling, "rope_theta": theta}
+        if scaling["rope_type"] == "dynamic":  # HF's dynamic reads the original length here
+            max_position = params.pop("original_max_position_embeddings")
+    config = transformers.MistralConfig(
+        hidden_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=rot_dim,
+        max_position_embeddings=max_position, rope_parameters=params,
+    )  # fmt: skip
+    if scaling is None:
+        inv = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+        return inv, 1.0
+    return ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=max_pos)
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+@pytest.mark.parametrize("rot_dim, theta", [(128, 1e6), (64, 1e4)])
+def test_cache_matches_hf_frequencies(name, rot_dim, theta):
+    scaling = SCALINGS[name]
+    inv_freq, attention = hf_inv_freq(rot_dim, theta, scaling, MAX_POS)
+    ours, ours_attention = R._inv_freq(rot_dim, theta, scaling, MAX_POS)
+    assert torch.equal(ours, inv_freq), "inverse frequencies differ from HF's"
+    assert ours_attention == pytest.approx(attention, rel=1e-12)
+    cache = rope_cache(rot_dim, MAX_POS, theta, scaling)
+    assert cache.shape == (MAX_POS, rot_dim) and cache.dtype == torch.float32
+    pos = torch.tensor([0, 1, 17, 4095, 32768, 100000, MAX_POS - 1], dtype=torch.float64)
+    angles = pos[:, None] * inv_freq.double()[None, :]
+    want = torch.cat([angles.cos(), angles.sin()], -1) * attention
+    # The table is the fp64 value rounded once to fp32.
+    assert torch.equal(cache[pos.long()], want.float())
+
+
+def test_cache_against_hf_rotary_embedding_at_long_positions():
+    """HF's own fp32 cos/sin: equal up to the rounding of HF's fp32 angles (pos * inv_freq)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    config = transformers.MistralConfig(
+        hidden_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+        max_position_embeddings=MAX_POS, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )  # fmt: skip
+    pos = torch.tensor([[0, 5, 999, 65535, MAX_POS - 1]])
+    cos, sin = MistralRotaryEmbedding(config)(torch.zeros(1, 1, 5, 128), pos)
+    cache = rope_cache(128, MAX_POS, 1e6)[pos[0]]
+    angle = pos[0, :, None].double() * rope_cache_inv_freq(128, 1e6)[None, :]
+    bound = 2 * angle * 2.0**-24 + 2.0**-23  # HF's product rounding, then cos/sin rounding
+    assert_within(cache[:, :64], cos[0, :, :64], bound, "cos vs HF")
+    assert_within(cache[:, 64:], sin[0, :, :64], bound, "sin vs HF")
+
+
+def rope_cache_inv_freq(rot_dim, theta):
+    return R._inv_freq(rot_dim, theta, None, 1)[0].double()
+
+
+def rotation_bound(x, ref, cos_sin, positions, dtype, interleaved=False):
+    """Round-off of x1 cos - x2 sin and x2 cos + x1 sin in fp32 (with or without FMA): a few
+    units of |x1 cos| + |x2 sin|, then the rounding to dtype. Unrotated dims must be exact."""
+    rot = cos_sin.shape[1]
+    half = rot // 2
+    cs = cos_sin[positions].abs()
+    c, s = cs[:, None, :half], cs[:, None, half:]
+    r = x[..., :rot].abs().float()
+    x1, x2 = (r[..., 0::2], r[..., 1::2]) if interleaved else (r[..., :half], r[..., half:])
+    m1, m2 = x1 * c + x2 * s, x2 * c + x1 * s
+    mag = torch.stack([m1, m2], -1).flatten(-2) if interleaved else torch.cat([m1, m2], -1)
+    mag = torch.cat([mag, torch.zeros_like(x[..., rot:], dtype=torch.float32)], -1)
+    return UNIT_ROUNDOFF[dtype] * ref.float().abs() + 4 * UNIT_ROUNDOFF[torch.float32] * mag
+
+
+def positions_for(kind, T, gen):
+    if kind == "prefill":
+        return torch.arange(T)
+    if kind == "decode":
+        return torch.randint(0, MAX_POS, (T,), generator=gen)
+    cuts = sorted(torch.randperm(T - 1, generator=gen)[:3].add(1).tolist())
+    lens = [b - a for a, b in zip([0, *cuts], [*cuts, T], strict=True)]
+    return torch.cat([torch.arange(n) + 1000 * i for i, n in enumerate(lens)])  # packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot_dim", [128, 64])
+@pytest.mark.parametrize("positions_kind", ["prefill", "decode", "packed"])
+@pytest.mark.parametrize("T, HQ, HK, D", [(17, 32, 8, 128), (5, 4, 4, 64), (33, 12, 3, 256)])
+def test_rotation_matches_reference(
+    dtype, interleaved, rot_dim, positions_kind, T, HQ, HK, D, device, gen
+):
+    rot_dim = min(rot_dim, D)
+    cos_sin = rope_cache(rot_dim, MAX_POS, 1e6)
+    q = randn(T, HQ, D, gen=gen, dtype=dtype, device=device)
+    k = randn(T, HK, D, gen=gen, dtype=dtype, device=device)
+    positions = positions_for(positions_kind, T, gen)
+    want_q, want_k = rope_reference(q.cpu(), k.cpu(), positions, cos_sin, interleaved)
+    q0, k0 = q.clone(), k.clone()
+    out_q, out_k = rope_(q, k, positions.to(device), cos_sin.to(device), interleaved=interleaved)
+    assert out_q is q and out_k is k
+    bound_q = rotation_bound(q0.cpu(), want_q, cos_sin, positions, dtype, interleaved)
+    bound_k = rotation_bound(k0.cpu(), want_k, cos_sin, positions, dtype, interleaved)
+    assert_within(q, want_q, bound_q, "q")
+    assert_within(k, want_k, bound_k, "k")
+    # dims past rot_dim are untouched
+    assert torch.equal(q[..., rot_dim:], q0[..., rot_dim:]) and torch.equal(
+        k[..., rot_dim:], k0[..., rot_dim:]
+    )
+
+
+def test_neox_matches_hf_apply_rotary_pos_emb(device, gen):
+    pytest.importorskip("transformers")
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    T, HQ, HK, D = 40, 32, 8, 128
+    cos_sin = rope_cache(D, MAX_POS, 1e6)
+    q = randn(T, HQ, D, gen=gen)
+    k = randn(T, HK, D, gen=gen)
+    positions = positions_for("decode", T, gen)
+    half = cos_sin[positions]
+    cos = torch.cat([half[:, :64], half[:, :64]], -1)[None]
+    sin = torch.cat([half[:, 64:], half[:, 64:]], -1)[None]
+    # HF: [batch, heads, seq, D]
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    hf_q, hf_k = hf_q[0].transpose(0, 1), hf_k[0].transpose(0, 1)
+    qd, kd = q.to(device), k.to(device)
+    rope_(qd, kd, positions.to(device), cos_sin.to(device))
+    assert_within(qd, hf_q, rotation_bound(q, hf_q, cos_sin, positions, torch.float32), "q vs HF")
+    assert_within(kd, hf_k, rotation_bound(k, hf_k, cos_sin, positions, torch.float32), "k vs HF")
+
+
+def test_interleaved_is_neox_on_deinterleaved_dims(device, gen):
+    """Interleaved pairs (2i, 2i+1) are the neox pairs (i, i + D/2) of the permuted head."""
+    T, H, D = 9, 4, 64
+    cos_sin = rope_cache(D, 4096, 1e4).to(device)
+    positions = torch.randint(0, 4096, (T,), generator=gen).to(device)
+    x = randn(T, H, D, gen=gen, device=device)
+    perm = torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)]).to(device)
+    a, b = x.clone(), x[..., perm].contiguous()
+    rope_(a, a.clone(), positions, cos_sin, interleaved=True)
+    rope_(b, b.clone(), positions, cos_sin)
+    torch.testing.assert_close(a[..., perm], b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cache_dtype, per_head_scale",
+    [(torch.bfloat16, False), (torch.float16, False), (E4M3, False), (E4M3, True)],
+    ids=["bf16", "fp16", "e4m3-tensor-scale", "e4m3-head-scales"],
+)
+@pytest.mark.parametrize("rot_dim", [128, 96])
+def test_fused_cache_write_matches_unfused(cache_dtype, per_head_scale, rot_dim, device, gen):
+    T, HQ, HK, D, B, S = 23, 8, 4, 128, 3, 40
+    cos_sin = rope_cache(rot_dim, 8192, 1e6)
+    q = randn(T, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
+    k = randn(T, HK, D, gen=gen, dtype=torch.bfloat16, device=device, scale=3.0)
+    v = randn(T, HK, D, gen=gen, dtype=torch.bfloat16, device=device, scale=3.0)
+    positions = torch.randint(0, 8192, (T,), generator=gen)
+    slots = torch.randperm(B * S, generator=gen)[:T]
+    slots[[2, 11]] = -1  # padding tokens: skipped
+    k_scale = v_scale = None
+    if cache_dtype == E4M3:
+        n = HK if per_head_scale else 1
+        k_scale = (torch.rand(n, generator=gen) * 0.01 + 0.004).to(device)  # some values saturate
+        v_scale = (torch.rand(n, generator=gen) * 0.01 + 0.004).to(device)
+    nan = torch.full((B, S, HK, D), float("nan"))
+    k_cache, v_cache = nan.to(cache_dtype).to(device), nan.to(cache_dtype).to(device)
+    want_k_cache, want_v_cache = k_cache.cpu().clone(), v_cache.cpu().clone()
+    want_q, want_k = rope_reference(q.cpu(), k.cpu(), positions, cos_sin)
+    kv_cache_write_reference(want_k, v.cpu(), want_k_cache, want_v_cache, slots,
+                             None if k_scale is None else k_scale.cpu(),
+                             None if v_scale is None else v_scale.cpu())  # fmt: skip
+    rope_q, rope_k = q.clone(), k.clone()
+    rope_(rope_q, rope_k, positions.to(device), cos_sin.to(device))
+    rope_kv_cache_(q, k, v, positions.to(device), cos_sin.to(device), k_cache, v_cache,
+                   slots.to(device), k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    assert torch.equal(q, rope_q) and torch.equal(k, rope_k), "the fused op rotates like rope_"
+    # The cache: written slots hold exactly what the unfused write stores; the rest stays NaN.
+    assert_codes_equal(k_cache, want_k_cache.to(device), "k_cache")
+    assert_codes_equal(v_cache, want_v_cache.to(device), "v_cache")
+    if cache_dtype == E4M3:
+        assert (k_cache.float().abs() == 448).any(), "the test meant some values to saturate"
+
+
+def test_out_of_range_position_gives_nan_in_the_kernel(device, gen):
+    """Inside a CUDA graph no host check runs: the kernel rotates a bad position into NaN."""
+    T, H, D = 4, 2, 64
+    cos_sin = rope_cache(D, 100, 1e4).to(device)
+    q, k = randn(T, H, D, gen=gen, device=device), randn(T, H, D, gen=gen, device=device)
+    positions = torch.tensor([3, 100, -1, 50], device=device)
+    for step in R._rope_launches(q, k, positions, cos_sin, False):
+        step()
+    bad = torch.tensor([False, True, True, False])
+    assert (
+        q.isnan().any(-1).any(-1).cpu().eq(bad).all()
+        and k.isnan().all(-1).all(-1).cpu().eq(bad).all()
+    )
+
+
+def rope_args(**kw):
+    args = dict(
+        q=torch.randn(5, 4, 64), k=torch.randn(5, 2, 64),
+        positions=torch.arange(5), cos_sin_cache=rope_cache(64, 16, 1e4),
+    )  # fmt: skip
+    args.update(kw)
+    return args
+
+
+ROPE_BAD = [
+    (rope_args(positions=torch.tensor([0, 1, 2, 3, 16])), ValueError, r"positions must lie in \[0, 16\)"),
+    (rope_args(positions=torch.tensor([0, -1, 2, 3, 4])), ValueError, "positions must lie in"),
+    (rope_args(positions=torch.arange(5.0)), TypeError, "positions must have dtype int32, int64"),
+    (rope_args(positions=torch.arange(4)), ValueError, r"positions must be \[T\] = \[5\]"),
+    (rope_args(k=torch.randn(5, 2, 64, dtype=torch.float16)), TypeError, "k must have dtype float32"),
+    (rope_args(k=torch.randn(5, 2, 32)), ValueError, "T and D must match"),
+    (rope_args(q=torch.randn(5, 4, 64).to(torch.int8)), TypeError, "q must have dtype"),
+    (rope_args(cos_sin_cache=rope_cache(128, 16, 1e4)), ValueError, "rot_dim even and <= D"),
+    (rope_args(cos_sin_cache=rope_cache(64, 16, 1e4).double()), TypeError, "cos_sin_cache must have dtype float32"),
+    (rope_args(q=torch.randn(5, 64, 4).transpose(1, 2)), ValueError, "q must have unit stride along D"),
+    (rope_args(q="q"), TypeError, "q must be torch.Tensor"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, error, match", ROPE_BAD)
+def test_rope_bad_input(kwargs, error, match):
+    check_bad_input(rope_, kwargs, error, match)
+
+
+def cache_args(cache_dtype=torch.bfloat16, **kw):
+    args = dict(
+        q=torch.randn(5, 4, 64), k=torch.randn(5, 2, 64), v=torch.randn(5, 2, 64),
+        positions=torch.arange(5), cos_sin_cache=rope_cache(64, 16, 1e4),
+        k_cache=torch.zeros(2, 8, 2, 64, dtype=cache_dtype),
+        v_cache=torch.zeros(2, 8, 2, 64, dtype=cache_dtype), slots=torch.arange(5),
+    )  # fmt: skip
+    if cache_dtype == E4M3:
+        args.update(k_scale=torch.ones(1), v_scale=torch.ones(1))
+    args.update(kw)
+    return args
+
+
+CACHE_BAD = [
+    (cache_args(E4M3, k_scale=None), ValueError, "an e4m3 cache needs k_scale"),
+    (cache_args(k_scale=torch.ones(1)), ValueError, "k_scale applies to an e4m3 cache only"),
+    (cache_args(E4M3, v_scale=torch.ones(3)), ValueError, r"v_scale must be \[\] / \[1\] or \[2\]"),
+    (cache_args(slots=torch.tensor([0, 1, 2, 3, 16])), ValueError, r"slots must lie in \[-1, 16\)"),
+    (cache_args(k_cache=torch.zeros(2, 8, 4, 64, dtype=torch.bfloat16)), ValueError, r"\[B, S_max, Hk, D\]"),
+    (cache_args(v_cache=torch.zeros(2, 8, 2, 64, dtype=torch.float16)), TypeError, "v_cache must have dtype"),
+    (cache_args(k_cache=torch.zeros(2, 8, 2, 64, dtype=torch.int8), v_cache=torch.zeros(2, 8, 2, 64, dtype=torch.int8)), TypeError, "k_cache must have dtype"),
+    (cache_args(v=torch.randn(5, 2, 32)), ValueError, "v must have k's shape"),
+    (cache_args(slots=torch.arange(4)), ValueError, r"slots must be \[T\]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, error, match", CACHE_BAD)
+def test_rope_kv_cache_bad_input(kwargs, error, match):
+    check_bad_input(rope_kv_cache_, kwargs, error, match)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((63, 16, 1e4), "rot_dim must be a positive even number"),
+        ((64, 0, 1e4), "max_pos must be positive"),
+        ((64, 16, -1.0), "theta must be positive"),
+        ((64, 16, 1e4, {"rope_type": "longrope"}), "rope_type must be one of"),
+        ((64, 16, 1e4, {"rope_type": "linear"}), "needs 'factor'"),
+        ((64, 16, 1e4, {"rope_type": "llama3", "factor": 8.0}), "needs 'original_max_position_embeddings'"),
+    ],
+)  # fmt: skip
+def test_rope_cache_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        rope_cache(*args)
+
+
+def test_yarn_attention_factor_scales_cos_and_sin():
+    scaling = SCALINGS["yarn"]
+    plain = R._inv_freq(128, 1e6, scaling, MAX_POS)
+    assert plain[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    cache = rope_cache(128, 64, 1e6, scaling)
+    assert torch.allclose(cache[0, :64], torch.full((64,), plain[1]))
