@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 ARCHS = {"sm_90": 90, "sm_89": 89}
 # Kernel files that list their configs through `aot_specs(cap)`.
-KERNEL_MODULES = ("fp8nemo.kernels.quantize", "fp8nemo.kernels.fp8_gemm", "fp8nemo.kernels.rope")
+KERNEL_MODULES = (
+    "fp8nemo.kernels.quantize",
+    "fp8nemo.kernels.fp8_gemm",
+    "fp8nemo.kernels.rope",
+    "fp8nemo.kernels.attention",
+)
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
 
 

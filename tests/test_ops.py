@@ -77,6 +77,34 @@ def test_opcheck_rope(fp8_cache, device, gen):
     torch.library.opcheck(torch.ops.fp8nemo.rope_kv_cache_.default, args, kwargs, **check)
 
 
+@pytest.mark.parametrize("fp8_inputs", [False, True])
+def test_opcheck_flash_attention(fp8_inputs, device, gen):
+    B, S, HQ, HK, D = 2, 19, 4, 2, 64
+    q, k, v = (randn(B, S, h, D, gen=gen, device=device) for h in (HQ, HK, HK))
+    kwargs = {"causal": True, "return_lse": True}
+    if fp8_inputs:
+        q, k, v = (fp8.saturating_cast(t * 20) for t in (q, k, v))
+        kwargs.update(
+            {
+                n: torch.full((B, HK), 0.05, device=device)
+                for n in ("q_descale", "k_descale", "v_descale")
+            }
+        )
+        utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        kwargs_check = {"test_utils": utils}  # no float8 allclose on the CPU
+    else:
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+        kwargs_check = {}
+    torch.library.opcheck(
+        torch.ops.fp8nemo.flash_attention.default, (q, k, v), kwargs, **kwargs_check
+    )
+    T = 23
+    packed = [randn(T, h, D, gen=gen, dtype=torch.bfloat16, device=device) for h in (HQ, HK, HK)]
+    cu = torch.tensor([0, 5, 23], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.fp8nemo.flash_attention.default, tuple(packed),
+                          {"cu_seqlens": cu, "max_seqlen": 18, "window": 4})  # fmt: skip
+
+
 def linear_fp8(x, w_fp8, w_scale, bias):
     # x: [B, S, K] bf16 -> [B, S, N]
     B, S, K = x.shape

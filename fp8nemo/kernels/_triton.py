@@ -31,7 +31,7 @@ MIN_CAPABILITY = (8, 9)
 
 
 def _fix_interpreter_float_casts() -> None:
-    """Make the interpreter's float conversions round like the GPU does.
+    """Make the interpreter's float conversions and bf16 dots compute what the GPU does.
 
     The interpreter converts between float formats with its own bit manipulation, which
     truncates fp32 -> bf16, rounds the carry of fp8 mantissas into the wrong exponent, flushes
@@ -74,6 +74,21 @@ def _fix_interpreter_float_casts() -> None:
 
     convert._fp8nemo = True
     interpreter._convert_float = convert
+
+    # tl.dot multiplies bf16 operands as the uint16 arrays the interpreter stores them in; the
+    # tensor cores multiply their values (exactly, in fp32). Widen bf16 operands first.
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        def widen(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            data = convert(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+
+        return original_dot(self, widen(a), widen(b), d, *args)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 if INTERPRET:
@@ -228,7 +243,11 @@ def check_types(**named: tuple[object, type | tuple[type, ...]]) -> None:
     for name, (value, types) in named.items():
         if not isinstance(value, types):
             allowed = " or ".join(
-                "None" if t is type(None) else f"{t.__module__}.{t.__qualname__}"
+                "None"
+                if t is type(None)
+                else t.__qualname__
+                if t.__module__ == "builtins"
+                else f"{t.__module__}.{t.__qualname__}"
                 for t in (types if isinstance(types, tuple) else (types,))
             )
             raise TypeError(f"{name} must be {allowed}; got {type(value).__name__}")

@@ -1,0 +1,535 @@
+"""Prefill flash attention: causal or not, GQA/MQA, sliding window (Mistral's), packed variable
+length batches, optional LSE; fp16/bf16, or e4m3 Q/K/V with descales. Registered as
+`torch.ops.fp8nemo.flash_attention`.
+
+Shapes:
+    q      [B, S, Hq, D]  or packed [T, Hq, D] with cu_seqlens [B + 1] int32 and max_seqlen
+    k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16
+    out    like q (bf16 for e4m3 input);  lse [B, Hq, S] or [Hq, T] fp32, natural log
+    q/k/v_descale  [B, Hk] or [] / [1] fp32 (e4m3 only): x ~= x_fp8 * descale
+
+One program owns BLOCK_Q queries of one sequence for all G = Hq / Hk query heads of one KV
+head: its rows are (query, head) pairs, so each K/V tile is loaded once for the whole group.
+Softmax runs in base 2 on fp32 scores. On the FP8 path P is cast to e4m3 as P * 256 (a fixed
+power of two that puts its [0, 1] range high in e4m3's) and the output divides it out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8nemo.quant import fp8 as fp8_ref
+
+from ._triton import (
+    Autotuner,
+    KernelConfig,
+    Launch,
+    capability,
+    check_same_device,
+    check_tensor,
+    check_types,
+    launch,
+    m_bucket,
+    register_op,
+    use_triton,
+)
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+P_SCALE = 256.0
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _config(prefix, rows, block_n, warps, stages):
+    """BLOCK_M = rows of (query, head) pairs; BLOCK_N = keys per step."""
+    name = f"{prefix}{rows}x{block_n}w{warps}s{stages}"
+    return KernelConfig(name, dict(BLOCK_M=rows, BLOCK_N=block_n), warps, stages)
+
+
+# Each list keeps every config free of spills (fp8nemo inspect): the FP8 path holds more
+# registers (its V tile is transposed for the MMA), so it has its own lists.
+HOPPER_CONFIGS = {
+    "half": [_config("h", 128, 128, 8, 3), _config("h", 128, 64, 8, 4), _config("h", 64, 64, 4, 3)],
+    "fp8": [_config("h", 128, 64, 8, 3), _config("h", 64, 64, 4, 3)],
+    # head_dim > 128: the accumulator and Q tile double, so fewer rows or keys per step.
+    "half-wide": [_config("h", 64, 64, 8, 2), _config("h", 128, 32, 8, 2)],
+    "fp8-wide": [_config("h", 64, 64, 8, 2)],
+}
+ADA_CONFIGS = {
+    "half": [_config("a", 128, 64, 8, 2), _config("a", 64, 64, 4, 2)],
+    "fp8": [_config("a", 128, 64, 8, 2), _config("a", 64, 64, 4, 2)],
+    "half-wide": [_config("a", 64, 32, 4, 2)],
+    "fp8-wide": [_config("a", 64, 32, 4, 2)],
+}
+# Big tiles for the interpreter, which pays per program and per block.
+INTERPRETER_CONFIGS = [_config("i", 256, 128, 4, 1)]
+
+
+def configs_for(cap: tuple[int, int], head_dim: int, fp8: bool) -> list[KernelConfig]:
+    if cap == (0, 0):
+        return INTERPRETER_CONFIGS
+    kind = ("fp8" if fp8 else "half") + ("-wide" if head_dim > 128 else "")
+    return (HOPPER_CONFIGS if cap >= (9, 0) else ADA_CONFIGS)[kind]
+
+
+@triton.jit
+def _attn_range(
+    acc, l, m, q, k_base, v_base, stride_ks, stride_vs,
+    qi, seqlen, window, scale, lo, hi, full_lo, full_hi,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr,
+    OFFSET_64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # Online softmax over keys [lo, hi). Blocks outside [full_lo, full_hi) hold some key past
+    # the sequence, after a query (causal) or before its window, and are masked; the branch is
+    # uniform per block, so the blocks in between skip the mask's arithmetic. (Two loops would
+    # do the same without a branch, but the second copy of the loop costs ~70 registers.)
+    offs_n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = (d < HEAD_DIM)[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        kj = n0 + offs_n
+        # int32 offsets within a sequence (the launcher checks they fit): int64 ones would hold
+        # a 64-bit register pair per K/V element.
+        kj_off = kj.to(tl.int64)[:, None] if OFFSET_64 else kj[:, None]
+        kv_mask = d_ok & (kj < seqlen)[:, None]
+        k = tl.load(k_base + kj_off * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        if (n0 < full_lo) | (n0 >= full_hi):
+            ok = (kj < seqlen)[None, :]
+            if CAUSAL:
+                ok = ok & (kj[None, :] <= qi[:, None])
+            if WINDOW:
+                ok = ok & (kj[None, :] > qi[:, None] - window)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kj_off * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        if FP8:
+            pv = tl.dot((p * 256.0).to(tl.float8e4nv), v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    return acc, l, m
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, q_desc_ptr, k_desc_ptr, v_desc_ptr,
+    S, G, window, softmax_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls, stride_db, stride_dh,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, FP8: tl.constexpr,
+    STORE_LSE: tl.constexpr, OFFSET_64: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    BLOCK_M: tl.constexpr = BLOCK_Q * GP
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    if VARLEN:
+        start = tl.load(cu_ptr + b)
+        seqlen = tl.load(cu_ptr + b + 1) - start
+    else:
+        start = 0
+        seqlen = S
+    pid_q = tl.program_id(0)
+    if CAUSAL:  # programs with late queries do the most work: start them first
+        pid_q = tl.num_programs(0) - 1 - pid_q
+    q0 = pid_q * BLOCK_Q
+    if q0 >= seqlen:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    qi = q0 + rows // GP  # query position in its sequence
+    g = rows % GP  # head within the group (GP = G padded to a power of two)
+    row_ok = (qi < seqlen) & (g < G)
+    head = kvh * G + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = (d < HEAD_DIM)[None, :]
+    tok = (start + qi).to(tl.int64)
+    q_rows = b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+
+    scale = softmax_scale * 1.4426950408889634  # log2(e): exp2 below
+    if FP8:
+        desc = b * stride_db + kvh * stride_dh
+        scale = scale * tl.load(q_desc_ptr + desc) * tl.load(k_desc_ptr + desc)
+
+    # Keys [lo, hi) are visible to some row; inside [full_lo, full_hi) to every row.
+    hi = seqlen
+    full_hi = seqlen // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        hi = min(seqlen, q0 + BLOCK_Q)
+        full_hi = min(full_hi, (q0 + 1) // BLOCK_N * BLOCK_N)
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = max(0, q0 - window + 1) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(max(0, q0 + BLOCK_Q - window), BLOCK_N) * BLOCK_N
+    full_lo = min(max(full_lo, lo), hi)
+    full_hi = max(full_hi, full_lo)
+
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + start.to(tl.int64) * stride_ks + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + start.to(tl.int64) * stride_vs + kvh * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    acc, l, m = _attn_range(
+        acc, l, m, q, k_base, v_base, stride_ks, stride_vs, qi, seqlen, window, scale,
+        lo, hi, full_lo, full_hi, CAUSAL, WINDOW, FP8, OFFSET_64, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    out = acc / l_safe[:, None]
+    if FP8:
+        out = out * (tl.load(v_desc_ptr + desc) / 256.0)
+    o_rows = b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
+    tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok)  # fmt: skip
+    if STORE_LSE:
+        lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse_rows = b.to(tl.int64) * stride_lb + head * stride_lh + tok * stride_ls
+        tl.store(lse_ptr + lse_rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch reference
+
+
+def attention_reference(
+    q, k, v, *, causal=True, softmax_scale=None, window=None, cu_seqlens=None,
+    q_descale=None, k_descale=None, v_descale=None, quantize_p=None, acc_dtype=torch.float32,
+    out_dtype=None,
+):  # fmt: skip
+    """Attention computed in `acc_dtype` on (dequantized) inputs, with the kernel's layouts.
+
+    Returns (out, lse): out in `out_dtype` (default: the kernel's), lse in fp32 (fp64 for an
+    fp64 `acc_dtype`). `quantize_p` (default: for e4m3 input) casts P to e4m3 as P * 256
+    before P @ V, as the kernel does, relative to the row max."""
+    fp8 = q.dtype == fp8_ref.E4M3
+    quantize_p = fp8 if quantize_p is None else quantize_p
+    out_dtype = out_dtype or (torch.bfloat16 if fp8 else q.dtype)
+    packed = cu_seqlens is not None
+    if not packed:
+        B, S = q.shape[:2]
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+        cu_seqlens = torch.arange(0, (B + 1) * S, S)
+    cu = cu_seqlens.tolist()
+    Hq, D = q.shape[1], q.shape[2]
+    G = Hq // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.empty(q.shape, dtype=acc_dtype)
+    lse = torch.empty(Hq, q.shape[0], dtype=acc_dtype)
+    for b in range(len(cu) - 1):
+        rows = slice(cu[b], cu[b + 1])
+        n = cu[b + 1] - cu[b]
+        qb, kb, vb = (t[rows].to(acc_dtype).transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        if fp8:
+            qb = qb * _descale(q_descale, b, G, Hq)
+            kb = kb * _descale(k_descale, b, 1, k.shape[1])
+            vb = vb * _descale(v_descale, b, 1, k.shape[1])
+        kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)
+        s = qb @ kb.transpose(1, 2) * scale
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        visible = torch.ones(n, n, dtype=torch.bool)
+        if causal:
+            visible &= j <= i
+        if window is not None:
+            visible &= j > i - window
+        s = s.masked_fill(~visible, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = m.masked_fill(m == float("-inf"), 0.0)
+        p = torch.exp(s - m)  # in [0, 1]: relative to the row max, like the kernel's P
+        l = p.sum(-1, keepdim=True)
+        lse[:, rows] = (m + l.log()).squeeze(-1)
+        if quantize_p:  # P * 256 rounded to e4m3; the row sum stays unquantized
+            p = fp8_ref.saturating_cast(p * P_SCALE).to(acc_dtype) / P_SCALE
+        out[rows] = ((p @ vb) / l.masked_fill(l == 0, 1.0)).transpose(0, 1)
+    out = out.to(out_dtype)
+    if not packed:
+        out = out.unflatten(0, (B, S))
+        lse = lse.unflatten(1, (B, S)).transpose(0, 1)
+    return out, (lse if acc_dtype == torch.float64 else lse.float())
+
+
+def _descale(descale, b, repeat, heads):
+    """Per-head multipliers [heads, 1, 1] from a [B, Hk] or scalar descale."""
+    d = descale.float().cpu()
+    d = d.reshape(()).expand(heads // repeat) if d.numel() == 1 else d[b]
+    return d.repeat_interleave(repeat)[:, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+
+
+def _check_range_values(name, cu_seqlens, T, max_seqlen):
+    """Host checks of cu_seqlens (skipped while a CUDA graph captures or for fake tensors)."""
+    if cu_seqlens.device.type == "meta":
+        return
+    if cu_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    cu = cu_seqlens.cpu()
+    lens = cu[1:] - cu[:-1]
+    if cu[0] != 0 or cu[-1] != T or (lens < 0).any():
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at T = {T}; got {cu.tolist()[:8]}"
+            f"{'...' if cu.numel() > 8 else ''} ending at {int(cu[-1])}"
+        )
+    if int(lens.max()) > max_seqlen:
+        raise ValueError(
+            f"max_seqlen = {max_seqlen} is below the longest sequence, {int(lens.max())}"
+        )
+
+
+def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
+                q_descale, k_descale, v_descale, values=True):  # fmt: skip
+    """Validate the op's arguments; returns the batch size."""
+    check_tensor("q", q, (*HALF_DTYPES, fp8_ref.E4M3))
+    check_tensor("k", k, (q.dtype,))
+    check_tensor("v", v, (q.dtype,))
+    packed = cu_seqlens is not None
+    layout = "[T, H, D] with cu_seqlens" if packed else "[B, S, H, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != (3 if packed else 4):
+            raise ValueError(f"{name} must be {layout}; got shape {list(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must have unit stride along D; got strides {list(t.stride())}"
+            )
+    if v.shape != k.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must share the "
+            f"{'token' if packed else 'batch and sequence'} dims and D, and k and v their shape"
+        )
+    Hq, Hk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q's {Hq} heads must be a multiple of k's {Hk} heads (GQA)")
+    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 16 up to {MAX_HEAD_DIM}; got {D}")
+    if window is not None:
+        if window < 1:
+            raise ValueError(
+                f"window must be >= 1 (a query sees itself and the window - 1 keys before it); "
+                f"got {window}"
+            )
+        if not causal:
+            raise ValueError("window is Mistral's causal sliding window: it needs causal=True")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
+    if packed:
+        check_tensor("cu_seqlens", cu_seqlens, (torch.int32,), ndim=1)
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(
+                f"cu_seqlens must be [B + 1] with B >= 1; got shape {list(cu_seqlens.shape)}"
+            )
+        if max_seqlen is None or max_seqlen < 1:
+            raise ValueError(
+                f"packed input needs max_seqlen >= 1, the longest sequence; got {max_seqlen}"
+            )
+        if values:
+            _check_range_values("cu_seqlens", cu_seqlens, q.shape[0], max_seqlen)
+        B = cu_seqlens.shape[0] - 1
+    else:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen applies to packed input (with cu_seqlens) only")
+        B = q.shape[0]
+    descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
+    if q.dtype == fp8_ref.E4M3:
+        for name, t in descales.items():
+            if t is None:
+                raise ValueError(
+                    f"e4m3 q/k/v need q_descale, k_descale and v_descale; {name} is None"
+                )
+            check_tensor(name, t, (torch.float32,))
+            if not (t.numel() == 1 and t.dim() <= 1) and tuple(t.shape) != (B, Hk):
+                raise ValueError(
+                    f"{name} must be [B, Hk] = [{B}, {Hk}] or a scalar; got {list(t.shape)}"
+                )
+    else:
+        for name, t in descales.items():
+            if t is not None:
+                raise ValueError(f"{name} applies to e4m3 input only; q is {q.dtype}")
+    check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, **descales)
+    return B
+
+
+def _out_shapes(q, B):
+    packed = q.dim() == 3
+    lse_shape = (q.shape[1], q.shape[0]) if packed else (B, q.shape[2], q.shape[1])
+    out_dtype = torch.bfloat16 if q.dtype == fp8_ref.E4M3 else q.dtype
+    return out_dtype, lse_shape
+
+
+def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_seqlen,
+              descales, config) -> list[Launch]:  # fmt: skip
+    packed = cu_seqlens is not None
+    Hq, Hk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if packed:
+        B, S = cu_seqlens.shape[0] - 1, max_seqlen
+        lead = lambda t: (0, *t.stride()[:2])  # noqa: E731  (no batch stride: rows are tokens)
+        lse_strides = (0, lse.stride(0), 1) if lse is not None else (0, 0, 0)
+    else:
+        B, S = q.shape[:2]
+        lead = lambda t: t.stride()[:3]  # noqa: E731
+        lse_strides = (lse.stride(0), lse.stride(1), 1) if lse is not None else (0, 0, 0)
+    G = Hq // Hk
+    GP = triton.next_power_of_2(G)
+    block_q = max(1, config.meta["BLOCK_M"] // GP)
+    fp8 = q.dtype == fp8_ref.E4M3
+    q_d, k_d, v_d = descales
+    desc_strides = (0, 0) if not fp8 or q_d.numel() == 1 else q_d.stride()
+    for t in (k_d, v_d):  # one set of strides serves all three: make them agree
+        if fp8 and t.numel() > 1 and t.stride() != desc_strides:
+            raise ValueError("q_descale, k_descale and v_descale must share their layout")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    grid = (triton.cdiv(S, block_q), B, Hk)
+    offset_64 = (S + config.meta["BLOCK_N"]) * max(k.stride(-3), v.stride(-3)) >= 2**31
+    return [
+        launch(
+            _attention_kernel, grid,
+            q, k, v, out, lse, cu_seqlens, q_d, k_d, v_d,
+            S, G, window if window is not None else 0, scale,
+            *lead(q), *lead(k), *lead(v), *lead(out), *lse_strides, *desc_strides,
+            CAUSAL=causal, WINDOW=window is not None, VARLEN=packed, FP8=fp8,
+            STORE_LSE=lse is not None, OFFSET_64=offset_64, HEAD_DIM=D,
+            GP=GP, BLOCK_Q=block_q, BLOCK_N=config.meta["BLOCK_N"],
+            BLOCK_D=triton.next_power_of_2(D),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    ]  # fmt: skip
+
+
+_tuner = Autotuner("flash_attention")
+
+
+def _flash_attention_impl(q, k, v, *, causal=True, softmax_scale=None, window=None,
+                          cu_seqlens=None, max_seqlen=None, q_descale=None, k_descale=None,
+                          v_descale=None, return_lse=False):  # fmt: skip
+    B = _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
+                    q_descale, k_descale, v_descale)  # fmt: skip
+    out_dtype, lse_shape = _out_shapes(q, B)
+    descales = (q_descale, k_descale, v_descale)
+    if not use_triton(q.device, "flash_attention"):
+        out, lse = attention_reference(
+            q.cpu(), k.cpu(), v.cpu(), causal=causal, softmax_scale=softmax_scale, window=window,
+            cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu(),
+            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        )  # fmt: skip
+        return out, (lse if return_lse else lse.new_empty(0))
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    if q.numel() == 0:
+        return out, (lse if return_lse else out.new_empty(0, dtype=torch.float32))
+    S = max_seqlen if cu_seqlens is not None else q.shape[1]
+    G = q.shape[-2] // k.shape[-2]
+    key = (q.device, q.dtype, q.shape[-1], causal, window is not None, cu_seqlens is not None,
+           G, return_lse, m_bucket(S))  # fmt: skip
+
+    def run(config):
+        for step in _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens,
+                              max_seqlen, descales, config):  # fmt: skip
+            step()
+
+    candidates = lambda: configs_for(capability(q.device), q.shape[-1], q.dtype == fp8_ref.E4M3)  # noqa: E731
+    run(_tuner.choose(key, candidates, run))
+    return out, (lse if return_lse else out.new_empty(0, dtype=torch.float32))
+
+
+def _flash_attention_fake(q, k, v, *, causal=True, softmax_scale=None, window=None,
+                          cu_seqlens=None, max_seqlen=None, q_descale=None, k_descale=None,
+                          v_descale=None, return_lse=False):  # fmt: skip
+    B = _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
+                    q_descale, k_descale, v_descale, values=False)  # fmt: skip
+    out_dtype, lse_shape = _out_shapes(q, B)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    return out, torch.empty(lse_shape if return_lse else (0,), dtype=torch.float32, device=q.device)
+
+
+register_op(
+    "flash_attention(Tensor q, Tensor k, Tensor v, *, bool causal=True, float? softmax_scale=None, "
+    "int? window=None, Tensor? cu_seqlens=None, int? max_seqlen=None, Tensor? q_descale=None, "
+    "Tensor? k_descale=None, Tensor? v_descale=None, bool return_lse=False) -> (Tensor, Tensor)",
+    _flash_attention_impl,
+    _flash_attention_fake,
+)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of q `[B, S, Hq, D]` over k, v `[B, S, Hk, D]` (or packed `[T, H, D]` with
+    `cu_seqlens`/`max_seqlen`), GQA when Hq > Hk. `window`: each query sees itself and the
+    `window - 1` keys before it (needs `causal`). e4m3 q/k/v take `q/k/v_descale` (`[B, Hk]` or
+    scalar) and return bf16. Returns out, or (out, lse) with `return_lse` (natural log, fp32,
+    `[B, Hq, S]` or `[Hq, T]`)."""
+    optional = (torch.Tensor, type(None))
+    check_types(q=(q, torch.Tensor), k=(k, torch.Tensor), v=(v, torch.Tensor),
+                causal=(causal, bool), softmax_scale=(softmax_scale, (float, int, type(None))),
+                window=(window, (int, type(None))), cu_seqlens=(cu_seqlens, optional),
+                max_seqlen=(max_seqlen, (int, type(None))), q_descale=(q_descale, optional),
+                k_descale=(k_descale, optional), v_descale=(v_descale, optional),
+                return_lse=(return_lse, bool))  # fmt: skip
+    out, lse = torch.ops.fp8nemo.flash_attention(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        return_lse=return_lse,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def aot_specs(cap: int):
+    """Every config at NeMo's heads (32 q, 8 kv, head_dim 128; the wide configs at 256), causal,
+    bf16 and e4m3 on meta tensors, plus the sliding-window and packed variants of the first
+    config. bf16 must compile to HGMMA on Hopper and e4m3 to QGMMA (HMMA / QMMA on Ada)."""
+    from fp8nemo.codegen import AotSpec
+
+    hopper = cap >= 90
+    specs = []
+    for D in (128, 256):
+        for dtype in (torch.bfloat16, fp8_ref.E4M3):
+            fp8 = dtype == fp8_ref.E4M3
+            for i, config in enumerate(configs_for((cap // 10, cap % 10), D, fp8)):
+                mma = ("QGMMA" if hopper else "QMMA") if fp8 else ("HGMMA" if hopper else "HMMA")
+                variants = [("causal", None, False)]
+                if i == 0 and D == 128:
+                    variants += [("window 4096", 4096, False), ("packed", None, True)]
+                for label, window, packed in variants:
+                    B, S, T = (1, 4096, 4096) if not packed else (4, 4096, 16384)
+                    shape_q, shape_kv = (
+                        ((T, 32, D), (T, 8, D)) if packed else ((B, S, 32, D), (B, S, 8, D))
+                    )
+                    q = torch.empty(shape_q, dtype=dtype, device="meta")
+                    k = torch.empty(shape_kv, dtype=dtype, device="meta")
+                    out = torch.empty(shape_q, dtype=torch.bfloat16, device="meta")
+                    lse = torch.empty((32, T) if packed else (B, 32, S), device="meta")
+                    cu = torch.empty(B + 1, dtype=torch.int32, device="meta") if packed else None
+                    desc = torch.empty(B, 8, device="meta") if fp8 else None
+                    max_seqlen = S if packed else None
+                    launches = _launches(
+                        q, k, k, out, lse, True, None, window, cu, max_seqlen, (desc,) * 3, config
+                    )
+                    name = f"{config.name} d{D} {str(dtype).removeprefix('torch.')} {label}"
+                    specs += [AotSpec("flash_attention", name, step, mma) for step in launches]
+    return specs
