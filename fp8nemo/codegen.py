@@ -20,6 +20,7 @@ KERNEL_MODULES = (
     "fp8nemo.kernels.fp8_gemm",
     "fp8nemo.kernels.rope",
     "fp8nemo.kernels.attention",
+    "fp8nemo.kernels.decode",
 )
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
 

@@ -64,3 +64,19 @@ def test_quantize_kernels_compile_cleanly():
     }
     for r in rows:
         assert r["spill_bytes"] == 0 and not r["problems"] and not r["mma"], r
+
+
+@pytest.mark.parametrize(
+    "arch, half_mma, fp8_mma", [("sm_90", "HGMMA", "QGMMA"), ("sm_89", "HMMA", "QMMA")]
+)
+def test_attention_kernels_use_tensor_cores(arch, half_mma, fp8_mma):
+    rows = inspect_rows(arch)
+    prefill = [r for r in rows if r["kernel"] == "_attention_kernel"]
+    assert {"bfloat16", "float8_e4m3fn"} <= {r["config"].split()[2] for r in prefill}
+    for r in prefill:
+        want = fp8_mma if "float8_e4m3fn" in r["config"] else half_mma
+        assert r["mma"].get(want, 0) > 0 and r["spill_bytes"] == 0, r
+    decode = [r for r in rows if r["kernel"] == "_decode_kernel"]
+    assert decode and all(r["mma"].get("HMMA", 0) > 0 and r["spill_bytes"] == 0 for r in decode)
+    rope = [r for r in rows if r["kernel"] == "_rope_kernel"]
+    assert len(rope) == 4 and all(r["spill_bytes"] == 0 for r in rope)

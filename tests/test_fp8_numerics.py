@@ -141,6 +141,30 @@ class TestInterpreterCasts:
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got[FINITE], want[FINITE])
 
+    def test_bf16_dot_multiplies_values(self, gen):
+        """tl.dot on bf16 tiles: exact products accumulated in fp32, as the tensor cores do."""
+        import triton
+        import triton.language as tl
+
+        from fp8nemo.kernels._triton import INTERPRET  # importing it applies the fixes
+
+        assert INTERPRET
+
+        @triton.jit
+        def dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+            r = tl.arange(0, N)
+            a = tl.load(a_ptr + r[:, None] * N + r[None, :])
+            b = tl.load(b_ptr + r[:, None] * N + r[None, :])
+            tl.store(c_ptr + r[:, None] * N + r[None, :], tl.dot(a, b))
+
+        a, b = randn(16, 16, gen=gen).bfloat16(), randn(16, 16, gen=gen).bfloat16()
+        c = torch.empty(16, 16)
+        dot_kernel[(1,)](a, b, c, 16)
+        want = a.double() @ b.double()
+        assert (
+            (c.double() - want).abs() <= 16 * 2.0**-24 * (a.double().abs() @ b.double().abs())
+        ).all()
+
     def test_fp32_to_bf16_rounds_to_nearest_even(self, gen):
         x = randn(10000, gen=gen)
         ties = (x.view(torch.int32) & ~0xFFFF) | 0x8000  # exactly halfway between two bf16

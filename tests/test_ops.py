@@ -105,6 +105,33 @@ def test_opcheck_flash_attention(fp8_inputs, device, gen):
                           {"cu_seqlens": cu, "max_seqlen": 18, "window": 4})  # fmt: skip
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_opcheck_decode_attention(fp8_cache, device, gen):
+    B, S, HQ, HK, D = 2, 40, 8, 2, 64
+    q = randn(B, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
+    k, v = (randn(B, S, HK, D, gen=gen, device=device) for _ in range(2))
+    lens = torch.tensor([3, 40], dtype=torch.int32, device=device)
+    kwargs, check = {"window": 16}, {}
+    if fp8_cache:
+        k, v = fp8.saturating_cast(k * 20), fp8.saturating_cast(v * 20)
+        kwargs.update(
+            k_descale=torch.full((B, HK), 0.05, device=device),
+            v_descale=torch.full((), 0.05, device=device),
+        )
+        check = {
+            "test_utils": (
+                "test_autograd_registration",
+                "test_faketensor",
+                "test_aot_dispatch_dynamic",
+            )
+        }
+    else:
+        k, v = k.bfloat16(), v.bfloat16()
+    torch.library.opcheck(
+        torch.ops.fp8nemo.decode_attention.default, (q, k, v, lens), kwargs, **check
+    )
+
+
 def linear_fp8(x, w_fp8, w_scale, bias):
     # x: [B, S, K] bf16 -> [B, S, N]
     B, S, K = x.shape

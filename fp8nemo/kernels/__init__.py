@@ -1,8 +1,17 @@
 """Triton kernels, one op per file, each registered as `torch.ops.fp8nemo.<name>`."""
 
 from .attention import flash_attention
+from .decode import decode_attention
 from .fp8_gemm import fp8_gemm
 from .quantize import quantize_fp8
 from .rope import rope_, rope_cache, rope_kv_cache_
 
-__all__ = ["flash_attention", "fp8_gemm", "quantize_fp8", "rope_", "rope_cache", "rope_kv_cache_"]
+__all__ = [
+    "decode_attention",
+    "flash_attention",
+    "fp8_gemm",
+    "quantize_fp8",
+    "rope_",
+    "rope_cache",
+    "rope_kv_cache_",
+]

@@ -1,0 +1,147 @@
+"""decode_attention against an fp64 reference by flash-attn's rule (our error at most twice a
+PyTorch version in q's half precision plus twice the fp32 reference's round-off), with split-KV
+really splitting."""
+
+import importlib
+
+import pytest
+import torch
+from helpers import check_bad_input, poisoned, randn
+
+from fp8nemo.kernels import decode_attention
+from fp8nemo.kernels._triton import capability, num_sms
+from fp8nemo.quant import fp8
+
+Dm = importlib.import_module("fp8nemo.kernels.decode")
+E4M3 = torch.float8_e4m3fn
+GQA = {"1:1": (2, 2), "4:1": (8, 2), "8:1": (8, 1)}
+
+
+def make(B, S_max, Hq, Hk, D, cache_dtype, gen, device, descale_shape=None):
+    q = randn(B, Hq, D, gen=gen, dtype=torch.bfloat16, device=device)
+    k = randn(B, S_max, Hk, D, gen=gen)
+    v = randn(B, S_max, Hk, D, gen=gen)
+    if cache_dtype != E4M3:
+        return q, k.to(cache_dtype).to(device), v.to(cache_dtype).to(device), {}
+    shape = descale_shape if descale_shape is not None else (B, Hk)
+    scales = {
+        n: (torch.rand(shape, generator=gen) * 0.02 + 0.005).to(device)
+        for n in ("k_descale", "v_descale")
+    }
+    return (
+        q,
+        fp8.saturating_cast(k / 0.01).to(device),
+        fp8.saturating_cast(v / 0.01).to(device),
+        scales,
+    )
+
+
+def check(q, k_cache, v_cache, lens, num_splits, config=None, **kw):
+    """The launcher on a NaN-poisoned output; by default with 32-key blocks, so short caches
+    split too."""
+    config = config or Dm._config("t", 32, 4, 2)
+    out = poisoned(q.shape, q.dtype, q.device)
+    steps = Dm._launches(q, k_cache, v_cache, lens, out, kw.get("softmax_scale"), kw.get("window"),
+                         kw.get("k_descale"), kw.get("v_descale"), config, num_splits)  # fmt: skip
+    assert (len(steps) > 1) == (num_splits > 1), "split-KV should split (and combine)"
+    for step in steps:
+        step()
+    cpu = [t.cpu() for t in (q, k_cache, v_cache, lens)]
+    ref_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    ref = Dm.decode_reference(*cpu, **ref_kw, acc_dtype=torch.float64, out_dtype=torch.float64)
+    ref32 = Dm.decode_reference(*cpu, **ref_kw, out_dtype=torch.float32)
+    low = Dm.decode_reference(*cpu, **ref_kw, acc_dtype=q.dtype)
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) elements"
+    e, e_low, e_ref = ((x.double().cpu() - ref).abs().max().item() for x in (out, low, ref32))
+    assert e <= 2 * e_low + 2 * e_ref, (
+        f"error {e:.3g} > 2 * {e_low:.3g} (PyTorch bf16) + 2 * {e_ref:.3g} (fp32 reference)"
+    )
+    return out
+
+
+@pytest.mark.parametrize("L", [1, 100, 4097])
+@pytest.mark.parametrize("gqa", list(GQA))
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=str)
+def test_cache_lengths(L, gqa, cache_dtype, device, gen):
+    Hq, Hk = GQA[gqa]
+    q, k, v, scales = make(1, L + 3, Hq, Hk, 128, cache_dtype, gen, device)
+    lens = torch.tensor([L], dtype=torch.int32, device=device)
+    splits = 4 if L > 100 else (2 if L > 1 else 1)
+    check(q, k, v, lens, splits, **scales)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, E4M3], ids=str)
+def test_uneven_batch_and_splits(num_splits, cache_dtype, device, gen):
+    """Sequences of 0, 1, 100 and 1500 keys in one batch; splits past a short sequence's end
+    are empty and the combine must ignore them."""
+    q, k, v, scales = make(4, 1500, 8, 2, 64, cache_dtype, gen, device)
+    if cache_dtype == torch.float16:
+        q = q.half()
+    lens = torch.tensor([0, 1, 100, 1500], dtype=torch.int32, device=device)
+    out = check(q, k, v, lens, num_splits, **scales)
+    assert (out[0] == 0).all(), "a sequence without keys attends to nothing"
+
+
+@pytest.mark.parametrize("window", [1, 64, 1000, 8000])
+def test_sliding_window(window, device, gen):
+    q, k, v, _ = make(2, 3000, 8, 2, 128, torch.bfloat16, gen, device)
+    lens = torch.tensor([3000, 700], dtype=torch.int32, device=device)
+    check(q, k, v, lens, 4, window=window)
+
+
+@pytest.mark.parametrize("D", [64, 256, 80])
+def test_head_dims(D, device, gen):
+    q, k, v, scales = make(2, 300, 4, 1, D, E4M3, gen, device, descale_shape=())
+    lens = torch.tensor([300, 45], dtype=torch.int32, device=device)
+    check(q, k, v, lens, 2, softmax_scale=0.2, **scales)
+
+
+def test_public_op_splits_long_caches(device, gen):
+    """The heuristic splits a long cache of few sequences; the op gives the launcher's result."""
+    q, k, v, _ = make(1, 4100, 8, 2, 128, torch.bfloat16, gen, device)
+    lens = torch.tensor([4097], dtype=torch.int32, device=device)
+    splits = Dm.num_splits_for(1 * 2, 4100, num_sms(q.device))
+    assert splits > 1
+    out = check(q, k, v, lens, splits, Dm.configs_for(capability(q.device))[0])
+    assert torch.equal(decode_attention(q, k, v, lens), out)
+
+
+def test_split_heuristic():
+    assert Dm.num_splits_for(16 * 8, 131072, 132) == 3  # 2 waves over 132 SMs: 264 / 128 programs
+    assert Dm.num_splits_for(1 * 8, 131072, 132) == 33
+    assert Dm.num_splits_for(1 * 8, 1024, 132) == 4  # at least 256 keys per split
+    assert Dm.num_splits_for(256 * 8, 4096, 132) == 1
+    assert Dm.num_splits_for(1, 100, 132) == 1
+
+
+def args(**kw):
+    g = torch.Generator().manual_seed(0)
+    a = dict(q=torch.randn(2, 8, 64, generator=g).bfloat16(), k_cache=torch.randn(2, 32, 2, 64, generator=g).bfloat16(),
+             v_cache=torch.randn(2, 32, 2, 64, generator=g).bfloat16(), cache_seqlens=torch.tensor([5, 32], dtype=torch.int32))  # fmt: skip
+    a.update(kw)
+    return a
+
+
+fp8_cache = torch.ones(2, 32, 2, 64).to(E4M3)
+BAD_INPUTS = [
+    (args(k_cache=torch.randn(2, 32, 3, 64).bfloat16(), v_cache=torch.randn(2, 32, 3, 64).bfloat16()), ValueError, "multiple of the cache's 3 heads"),
+    (args(q=torch.randn(2, 8, 320).bfloat16(), k_cache=torch.randn(2, 32, 2, 320).bfloat16(), v_cache=torch.randn(2, 32, 2, 320).bfloat16()), ValueError, "head_dim must be a multiple of 16 up to 256"),
+    (args(k_cache=torch.randn(2, 32, 2, 64).half(), v_cache=torch.randn(2, 32, 2, 64).half()), TypeError, "k_cache must have dtype bfloat16, float8_e4m3fn"),
+    (args(k_cache=fp8_cache, v_cache=fp8_cache), ValueError, "needs k_descale and v_descale"),
+    (args(k_descale=torch.ones(())), ValueError, "k_descale applies to an e4m3 cache only"),
+    (args(k_cache=fp8_cache, v_cache=fp8_cache, k_descale=torch.ones(2, 3), v_descale=torch.ones(())), ValueError, r"k_descale must be \[B, Hk\] = \[2, 2\]"),
+    (args(cache_seqlens=torch.tensor([5, 33], dtype=torch.int32)), ValueError, r"cache_seqlens must lie in \[0, S_max = 32\]"),
+    (args(cache_seqlens=torch.tensor([5, 32])), TypeError, "cache_seqlens must have dtype int32"),
+    (args(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError, r"cache_seqlens must be \[B\] = \[2\]"),
+    (args(v_cache=torch.randn(2, 31, 2, 64).bfloat16()), ValueError, "v_cache must have k_cache's shape"),
+    (args(window=0), ValueError, "window must be >= 1"),
+    (args(q=torch.randn(2, 64, 8).bfloat16().transpose(1, 2)), ValueError, "q must have unit stride along D"),
+    (args(q=torch.randn(2, 8, 64).to(E4M3)), TypeError, "q must have dtype float16, bfloat16"),
+    (args(q="q"), TypeError, "q must be torch.Tensor"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
+def test_bad_input_is_a_clear_error(kwargs, error, match):
+    check_bad_input(decode_attention, kwargs, error, match)
