@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check, for a machine with a GPU and no network: the ops' tests on CUDA (with an
-# M*K > 2^31 case), the sm_90 codegen report, and the GEMM benchmark, in under 8 minutes (the
-# stage limits add up to 450 s). Writes logs, CSV and summary.md to RESULTS_DIR (default
-# benchmarks/results/), prints a short table last, and exits non-zero if any stage failed.
+# M*K > 2^31 GEMM), the sm_90 codegen report, and the gemm, attention, decode and rope
+# benchmarks, in under 8 minutes (the stage limits add up to 450 s; each benchmark suite stops
+# starting cases when its budget runs out and lists the rest as not run). Writes logs, CSVs
+# and summary.md to RESULTS_DIR (default benchmarks/results/), prints short tables last, and
+# exits non-zero if any stage failed.
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
@@ -38,13 +40,18 @@ cat "$RESULTS/environment.txt"
 # Kernel compiles dominate the tests' time: spread them over processes where xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 150 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
-    tests/test_quantize.py tests/test_fp8_gemm.py tests/test_ops.py --junitxml="$RESULTS/tests.xml"
-stage inspect 90 "$PY" -m fp8nemo.cli inspect --arch sm_90
-stage bench 210 "$PY" -m fp8nemo.cli bench --suite gemm --out "$RESULTS" --markdown
+stage tests 120 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+    tests/test_quantize.py tests/test_fp8_gemm.py tests/test_rope.py tests/test_attention.py \
+    tests/test_decode.py tests/test_ops.py --junitxml="$RESULTS/tests.xml"
+stage inspect 50 "$PY" -m fp8nemo.cli inspect --arch sm_90
+for spec in gemm:120:90 attention:70:50 decode:60:40 rope:30:15; do
+    IFS=: read -r suite limit budget <<<"$spec"
+    stage "bench-$suite" "$limit" "$PY" -m fp8nemo.cli bench --suite "$suite" --budget "$budget" \
+        --out "$RESULTS" --markdown
+done
 
-# This run's CSV (a timed-out bench leaves the rows it finished in a .partial file).
-csv=$(find "$RESULTS" -maxdepth 1 -newer "$marker" \( -name 'bench_gemm_*.csv' -o -name 'bench_gemm_*.csv.partial' \) | sort | tail -n 1)
+# This run's CSVs (a timed-out suite leaves the rows it finished in a .partial file).
+csvs=$(find "$RESULTS" -maxdepth 1 -newer "$marker" \( -name 'bench_*.csv' -o -name 'bench_*.csv.partial' \) | sort)
 rm -f "$marker"
 {
     echo "# GPU check $(date -u +%Y-%m-%d)"
@@ -66,16 +73,20 @@ rm -f "$marker"
     grep -vE "  ok$" "$RESULTS/inspect.log" | tail -n 20
     echo '```'
     echo
-    echo "## GEMM benchmark: ${csv:-no CSV}"
-    md="${csv%.partial}"
-    md="${md%.csv}.md"
-    [ -f "$md" ] && cat "$md"
+    echo "## Benchmarks"
+    for csv in $csvs; do
+        md="${csv%.partial}"
+        md="${md%.csv}.md"
+        echo
+        echo "### $(basename "$csv")"
+        [ -f "$md" ] && cat "$md"
+    done
 } >"$RESULTS/summary.md"
 
 echo
 for s in "${STATUS[@]}"; do echo "$s"; done
 echo "total $((SECONDS - start))s; logs, CSV and summary.md in $RESULTS"
-if [ -n "$csv" ]; then
+for csv in $csvs; do
     "$PY" -c "import sys; from fp8nemo import bench; print(bench.format_compare(bench.read_csv(sys.argv[1])))" "$csv"
-fi
+done
 exit $FAILED

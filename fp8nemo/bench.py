@@ -126,9 +126,10 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2 << 30) -> float:
 class Row:
     suite: str
     shape: str
-    M: int
-    N: int
-    K: int
+    dims: str  # the case's sizes, for a person: "M=16 N=6144 K=5120", "B=4 S=4096 ..."
+    M: int | None  # GEMM dims (None for other suites)
+    N: int | None
+    K: int | None
     impl: str
     scheme: str
     out_dtype: str
@@ -153,6 +154,40 @@ def roofline(env: Environment, flops: float, nbytes: float, ms: float, fp8: bool
     return tflops, gbps, 100.0 * max(t_compute, t_memory) / ms, bound
 
 
+def measure(env, device, rows, case: dict, impl, scheme, fn, flops, nbytes, fp8, check=None):
+    """Run `fn` once (`check(out)` gives its relative error), time it, and append a Row for
+    `case` (suite, shape, dims, M, N, K, out_dtype). A baseline this torch or GPU lacks becomes
+    a row that says why."""
+    note = ""
+    try:
+        out = fn()
+        err = check(out) if check is not None else None
+        ms = time_ms(fn, device)
+        tflops, gbps, pct, bound = roofline(env, flops, nbytes, ms, fp8)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        if impl == "fp8nemo":
+            raise
+        ms = tflops = gbps = pct = err = None
+        bound, note = "-", f"unavailable: {str(e).strip().splitlines()[0][:120]}"
+    rows.append(
+        Row(**case, impl=impl, scheme=scheme, median_ms=ms, tflops=tflops, gbps=gbps,
+            roofline_pct=pct, bound=bound, rel_err=err, note=note, env=asdict(env))
+    )  # fmt: skip
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _case(suite, shape, dims, out_dtype, M=None, N=None, K=None) -> dict:
+    dims_text = " ".join(f"{k}={v}" for k, v in dims.items())
+    return dict(suite=suite, shape=shape, dims=dims_text, M=M, N=N, K=K,
+                out_dtype=str(out_dtype).removeprefix("torch."))  # fmt: skip
+
+
+# --- gemm -------------------------------------------------------------------------------------
+
+
 def gemm_cases(on_gpu: bool, shapes: Iterable[str] | None = None, ms: Iterable[int] | None = None):
     """(name, M, N, K) for the GEMM suite."""
     for name, (k, n) in NEMO_GEMM_SHAPES.items():
@@ -162,10 +197,6 @@ def gemm_cases(on_gpu: bool, shapes: Iterable[str] | None = None, ms: Iterable[i
             k, n = (max(16, 16 * round(v / CPU_SHRINK / 16)) for v in (k, n))
         for m in ms or (GPU_M if on_gpu else CPU_M):
             yield name, m, n, k
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def bench_gemm_case(env, device, name, M, N, K, out_dtype=torch.bfloat16) -> list[Row]:
@@ -178,48 +209,264 @@ def bench_gemm_case(env, device, name, M, N, K, out_dtype=torch.bfloat16) -> lis
     w = (torch.randn(N, K, device=device, generator=gen) / math.sqrt(K)).to(torch.bfloat16)
     flops = 2.0 * M * N * K
     out_bytes = M * N * out_dtype.itemsize
+    case = _case("gemm", name, dict(M=M, N=N, K=K), out_dtype, M, N, K)
     rows = []
-
-    def add(impl, scheme, fn, nbytes, fp8, ref=None, note=""):
-        try:
-            out = fn()
-            err = _rel_err(out, ref) if ref is not None else None
-            ms = time_ms(fn, device)
-            tflops, gbps, pct, bound = roofline(env, flops, nbytes, ms, fp8)
-        except (RuntimeError, ValueError, TypeError) as e:  # a baseline this torch/GPU lacks
-            ms = tflops = gbps = pct = err = None
-            bound, note = "-", f"unavailable: {str(e).splitlines()[0][:120]}"
-        rows.append(
-            Row("gemm", name, M, N, K, impl, scheme, str(out_dtype).removeprefix("torch."),
-                ms, tflops, gbps, pct, bound, err, note)
-        )  # fmt: skip
-
     for scheme, (a_kind, b_kind) in GEMM_SCHEMES.items():
         a, a_s = fp8_ref.quantize(x, a_kind)
         b, b_s = fp8_ref.quantize(w, b_kind)
         ref = fp8_ref.scaled_mm(a, a_s, a_kind, b, b_s, b_kind, out_dtype=torch.float32)
+        check = functools.partial(_rel_err, ref=ref)
         nbytes = M * K + N * K + out_bytes + 4 * (a_s.numel() + b_s.numel())
         ours = functools.partial(fp8_gemm, a, a_s, b, b_s, out_dtype=out_dtype)
-        add("fp8nemo", scheme, ours, nbytes, True, ref)
+        measure(env, device, rows, case, "fp8nemo", scheme, ours, flops, nbytes, True, check)
         if env.on_gpu and scheme in ("tensor", "row"):
             sa = a_s.reshape(()) if scheme == "tensor" else a_s
             sb = b_s.reshape(()) if scheme == "tensor" else b_s.reshape(1, N)
             theirs = functools.partial(
                 torch._scaled_mm, a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype
             )
-            add("torch._scaled_mm", scheme, theirs, nbytes, True, ref)
-    ref = x.float() @ w.float().T
-    add("torch.matmul bf16", "-", lambda: x @ w.T, 2 * (M * K + N * K) + out_bytes, False, ref)
-    for r in rows:
-        r.env = asdict(env)
+            measure(
+                env,
+                device,
+                rows,
+                case,
+                "torch._scaled_mm",
+                scheme,
+                theirs,
+                flops,
+                nbytes,
+                True,
+                check,
+            )
+    check = functools.partial(_rel_err, ref=x.float() @ w.float().T)
+    nbytes = 2 * (M * K + N * K) + out_bytes
+    measure(
+        env,
+        device,
+        rows,
+        case,
+        "torch.matmul bf16",
+        "-",
+        lambda: x @ w.T,
+        flops,
+        nbytes,
+        False,
+        check,
+    )
     return rows
 
 
-SUITES = {"gemm": (gemm_cases, bench_gemm_case)}
+# --- attention --------------------------------------------------------------------------------
+
+NEMO_HEADS = (32, 8, 128)  # Hq, Hk, head_dim
+PREFILL_S = (1024, 4096, 16384)
+PREFILL_TOKENS = 16384  # batch = tokens // S, so every row moves a similar amount of work
+CPU_HEADS = (4, 1, 64)
+
+
+def attention_cases(on_gpu: bool, shapes=None, ms=None):
+    """(name, B, S, Hq, Hk, D): causal prefill at NeMo's heads."""
+    Hq, Hk, D = NEMO_HEADS if on_gpu else CPU_HEADS
+    for S in ms or (PREFILL_S if on_gpu else (128, 256)):
+        yield "prefill causal", max(1, PREFILL_TOKENS // S) if on_gpu else 1, S, Hq, Hk, D
+
+
+def _sdpa(q, k, v, causal):
+    """torch's flash SDPA on [B, S, H, D] tensors, GQA through enable_gqa."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=causal,
+            enable_gqa=True,
+        )
+    return out.transpose(1, 2)
+
+
+def bench_attention_case(env, device, name, B, S, Hq, Hk, D) -> list[Row]:
+    """flash_attention in bf16 and FP8 (per-tensor descales) beside torch's flash SDPA; the
+    check compares the first 256 queries of sequence 0 (causal: they see only each other)
+    with the fp32 reference."""
+    from fp8nemo.kernels import flash_attention
+    from fp8nemo.kernels.attention import attention_reference
+
+    gen = torch.Generator(device=device).manual_seed(S * 31 + B)
+    q, k, v = (
+        torch.randn(B, S, h, D, device=device, generator=gen).to(torch.bfloat16)
+        for h in (Hq, Hk, Hk)
+    )
+    flops = 4.0 * B * Hq * D * S * (S + 1) / 2
+    n = min(S, 256)
+    rows = []
+    case = _case("attention", name, dict(B=B, S=S, Hq=Hq, Hk=Hk, D=D), torch.bfloat16)
+    ref = attention_reference(
+        *(t[:1, :n].cpu() for t in (q, k, v)), causal=True, out_dtype=torch.float32
+    )[0]
+
+    def check(out):
+        return _rel_err(out[:1, :n].cpu(), ref)
+
+    half_bytes = 2 * B * S * D * (2 * Hq + 2 * Hk)
+    ours = functools.partial(flash_attention, q, k, v, causal=True)
+    measure(env, device, rows, case, "fp8nemo", "bf16", ours, flops, half_bytes, False, check)
+    (q8, qs), (k8, ks), (v8, vs) = (fp8_ref.quantize(t, "tensor") for t in (q, k, v))
+    ours8 = functools.partial(flash_attention, q8, k8, v8, causal=True, q_descale=qs.reshape(()),
+                              k_descale=ks.reshape(()), v_descale=vs.reshape(()))  # fmt: skip
+    fp8_bytes = B * S * D * (Hq + 2 * Hk) + 2 * B * S * Hq * D
+    measure(env, device, rows, case, "fp8nemo", "fp8", ours8, flops, fp8_bytes, True, check)
+    if env.on_gpu:
+        sdpa = functools.partial(_sdpa, q, k, v, True)
+        measure(
+            env,
+            device,
+            rows,
+            case,
+            "torch SDPA flash",
+            "bf16",
+            sdpa,
+            flops,
+            half_bytes,
+            False,
+            check,
+        )
+    return rows
+
+
+# --- decode -----------------------------------------------------------------------------------
+
+DECODE_CONTEXT = (4096, 32768, 131072)
+DECODE_BATCH = (1, 16)
+
+
+def decode_cases(on_gpu: bool, shapes=None, ms=None):
+    """(name, B, L, Hq, Hk, D, cache dtype): one token per sequence over L cached keys."""
+    Hq, Hk, D = NEMO_HEADS if on_gpu else (8, 2, 64)
+    for L in ms or (DECODE_CONTEXT if on_gpu else (256, 1024)):
+        for B in DECODE_BATCH if on_gpu else (1, 2):
+            for cache in ("bf16", "fp8"):
+                yield "decode", B, L, Hq, Hk, D, cache
+
+
+def bench_decode_case(env, device, name, B, L, Hq, Hk, D, cache) -> list[Row]:
+    """decode_attention over a full bf16 or e4m3 cache of L keys, in GB/s of cache read,
+    beside torch SDPA (bf16 cache only); the check compares sequence 0 with fp32."""
+    from fp8nemo.kernels import decode_attention
+    from fp8nemo.kernels.decode import decode_reference
+
+    gen = torch.Generator(device=device).manual_seed(L + B)
+    q = torch.randn(B, Hq, D, device=device, generator=gen).to(torch.bfloat16)
+    k, v = (
+        torch.randn(B, L, Hk, D, device=device, generator=gen).to(torch.bfloat16) for _ in range(2)
+    )
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    kw = {}
+    if cache == "fp8":
+        (k, ks), (v, vs) = fp8_ref.quantize(k, "tensor"), fp8_ref.quantize(v, "tensor")
+        kw = {"k_descale": ks.reshape(()), "v_descale": vs.reshape(())}
+    first = (t[:1].cpu() for t in (q, k, v, lens))
+    descales = {n: t.cpu() for n, t in kw.items()}
+    ref = decode_reference(*first, out_dtype=torch.float32, **descales)
+
+    def check(out):
+        return _rel_err(out[:1].cpu(), ref)
+
+    flops = 4.0 * B * Hq * L * D
+    nbytes = 2 * B * L * Hk * D * k.element_size() + 2 * 2 * B * Hq * D
+    rows = []
+    case = _case("decode", name, dict(B=B, L=L, Hq=Hq, Hk=Hk, D=D, cache=cache), torch.bfloat16)
+    ours = functools.partial(decode_attention, q, k, v, lens, **kw)
+    measure(env, device, rows, case, "fp8nemo", f"{cache} cache", ours, flops, nbytes, False, check)
+    if env.on_gpu and cache == "bf16":
+        sdpa = functools.partial(_sdpa_decode, q, k, v)
+        measure(
+            env, device, rows, case, "torch SDPA", "bf16 cache", sdpa, flops, nbytes, False, check
+        )
+    return rows
+
+
+def _sdpa_decode(q, k, v):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    )
+    return out[:, :, 0]
+
+
+# --- rope -------------------------------------------------------------------------------------
+
+ROPE_TOKENS = (16, 4096, 16384)
+
+
+def rope_cases(on_gpu: bool, shapes=None, ms=None):
+    """(name, T, Hq, Hk, D): rope_ alone, and fused with a bf16 or e4m3 cache write."""
+    Hq, Hk, D = NEMO_HEADS if on_gpu else (8, 2, 64)
+    for T in ms or (ROPE_TOKENS if on_gpu else (16, 256)):
+        for name in ("rope_", "rope_kv_cache_ bf16", "rope_kv_cache_ fp8"):
+            yield name, T, Hq, Hk, D
+
+
+def bench_rope_case(env, device, name, T, Hq, Hk, D) -> list[Row]:
+    """The fused kernel beside the unfused torch version (rotate q and k, then write the cache),
+    in GB/s of the bytes the op must move."""
+    from fp8nemo.kernels import rope_, rope_cache, rope_kv_cache_
+    from fp8nemo.kernels.rope import kv_cache_write_reference, rope_reference
+
+    gen = torch.Generator(device=device).manual_seed(T)
+    q = torch.randn(T, Hq, D, device=device, generator=gen).to(torch.bfloat16)
+    k, v = (
+        torch.randn(T, Hk, D, device=device, generator=gen).to(torch.bfloat16) for _ in range(2)
+    )
+    positions = torch.randint(0, 131072, (T,), device=device, generator=gen)
+    cos_sin = rope_cache(D, 131072, 1e6, device=device)
+    want_q, want_k = rope_reference(q, k, positions, cos_sin)
+
+    def check(out):
+        return max(_rel_err(out[0], want_q), _rel_err(out[1], want_k))
+
+    qk_bytes = 2 * 2 * T * (Hq + Hk) * D + T * D * 4
+    rows = []
+    case = _case("rope", name, dict(T=T, Hq=Hq, Hk=Hk, D=D), torch.bfloat16)
+    # The timed op rotates scratch copies in place: the first call (the one checked) sees the
+    # original values, later ones rotate further, at the same cost.
+    q_work, k_work = q.clone(), k.clone()
+    if name == "rope_":
+        ours = functools.partial(rope_, q_work, k_work, positions, cos_sin)
+        theirs = functools.partial(rope_reference, q, k, positions, cos_sin)
+        nbytes = qk_bytes
+    else:
+        fp8 = name.endswith("fp8")
+        cache_dtype = fp8_ref.E4M3 if fp8 else torch.bfloat16
+        k_cache = torch.zeros(1, T, Hk, D, device=device).to(cache_dtype)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.arange(T, device=device)
+        scale = torch.full((1,), 0.02, device=device) if fp8 else None
+        ours = functools.partial(rope_kv_cache_, q_work, k_work, v, positions, cos_sin, k_cache,
+                                 v_cache, slots, k_scale=scale, v_scale=scale)  # fmt: skip
+
+        def theirs():
+            q_rot, k_rot = rope_reference(q, k, positions, cos_sin)
+            kv_cache_write_reference(k_rot, v, k_cache, v_cache, slots, scale, scale)
+            return q_rot, k_rot
+
+        nbytes = qk_bytes + 2 * T * Hk * D + 2 * T * Hk * D * k_cache.element_size()
+    measure(env, device, rows, case, "fp8nemo", "bf16", ours, 0.0, nbytes, False, check)
+    if env.on_gpu:
+        measure(env, device, rows, case, "torch unfused", "bf16", theirs, 0.0, nbytes, False, check)
+    return rows
+
+
+SUITES = {
+    "gemm": (gemm_cases, bench_gemm_case),
+    "attention": (attention_cases, bench_attention_case),
+    "decode": (decode_cases, bench_decode_case),
+    "rope": (rope_cases, bench_rope_case),
+}
 COLUMNS = [
     "date", "device", "capability", "torch", "triton", "fp8nemo", "python", "mode", "copy_gbps",
-    "suite", "shape", "M", "N", "K", "impl", "scheme", "out_dtype", "median_ms", "tflops", "gbps",
-    "roofline_pct", "bound", "rel_err", "note",
+    "suite", "shape", "dims", "M", "N", "K", "impl", "scheme", "out_dtype", "median_ms",
+    "tflops", "gbps", "roofline_pct", "bound", "rel_err", "note",
 ]  # fmt: skip
 
 
@@ -232,9 +479,11 @@ def _progress(items, desc):
 
 
 def run_suite(
-    suite: str, device: torch.device | None = None, shapes=None, ms=None, on_rows=None
-) -> tuple[Environment, list[Row]]:
-    """Every case of `suite`; `on_rows(env, rows)` sees each case's rows as soon as they exist."""
+    suite: str, device: torch.device | None = None, shapes=None, ms=None, on_rows=None,
+    budget_s: float | None = None,
+) -> tuple[Environment, list[Row]]:  # fmt: skip
+    """Every case of `suite`; `on_rows(env, rows)` sees each case's rows as soon as they exist.
+    Cases that would start after `budget_s` seconds are not run; each gets a row saying so."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}; got {suite!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,13 +492,26 @@ def run_suite(
         env.copy_gbps = copy_bandwidth_gbps(device)
     cases_fn, bench_fn = SUITES[suite]
     cases = list(cases_fn(env.on_gpu, shapes, ms))
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
     rows = []
     for case in _progress(cases, f"bench {suite}"):
-        new = bench_fn(env, device, *case)
+        if deadline is not None and time.monotonic() >= deadline:
+            new = [_not_run(env, suite, case, budget_s)]
+        else:
+            new = bench_fn(env, device, *case)
         if on_rows is not None:
             on_rows(env, new)
         rows += new
     return env, rows
+
+
+def _not_run(env, suite, case, budget_s) -> Row:
+    return Row(
+        suite=suite, shape=str(case[0]), dims=" ".join(map(str, case[1:])), M=None, N=None,
+        K=None, impl="-", scheme="-", out_dtype="-", median_ms=None, tflops=None, gbps=None,
+        roofline_pct=None, bound="-", rel_err=None,
+        note=f"not run: the {budget_s:.0f} s budget ran out", env=asdict(env),
+    )  # fmt: skip
 
 
 def _fmt(v, spec):
@@ -285,6 +547,11 @@ class CsvSink:
                 os.replace(self.path + ".partial", self.path)
 
 
+def _metric(suite: str) -> str:
+    """The figure a suite is judged by: TFLOP/s for matrix work, GB/s for memory-bound ops."""
+    return "gbps" if suite in ("decode", "rope") else "tflops"
+
+
 def format_table(env: Environment, rows: list[Row]) -> str:
     head = f"{env.device} (cc {env.capability}), torch {env.torch}, triton {env.triton}, {env.date}"
     if env.on_gpu:
@@ -293,17 +560,18 @@ def format_table(env: Environment, rows: list[Row]) -> str:
             head += " (no datasheet peak for this GPU: % of roofline left blank)"
     else:
         head = f"{CORRECTNESS_ONLY.upper()}: timings are the interpreter's, not a GPU's\n{head}"
-    lines = [head, ""]
-    cols = ("shape", "M", "N", "K", "impl", "scheme", "ms", "TFLOP/s", "GB/s", "%roof", "rel err")
+    cols = ("shape", "dims", "impl", "scheme", "ms", "TFLOP/s", "GB/s", "%roof", "rel err")
     table = [cols]
     for r in rows:
         table.append((
-            r.shape, str(r.M), str(r.N), str(r.K), r.impl, r.scheme, _fmt(r.median_ms, ".4f"),
-            _fmt(r.tflops, ".1f"), _fmt(r.gbps, ".0f"), _fmt(r.roofline_pct, ".0f"),
+            r.shape, r.dims, r.impl, r.scheme, _fmt(r.median_ms, ".4f"), _fmt(r.tflops, ".1f"),
+            _fmt(r.gbps, ".0f"), _fmt(r.roofline_pct, ".0f"),
             _fmt(r.rel_err, ".1e") if not r.note else r.note[:40],
         ))  # fmt: skip
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
+    lines = [head, ""] + [
+        "  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table
+    ]
     return "\n".join(lines)
 
 
@@ -313,40 +581,37 @@ def format_markdown(env: Environment, rows: list[Row]) -> str:
         f"fp8nemo {env.fp8nemo} · {env.date} · mode: {env.mode}"
         + (f" · measured copy bandwidth {env.copy_gbps:.0f} GB/s" if env.copy_gbps else ""),
         "",
-        "| shape | M | N | K | impl | scheme | ms | TFLOP/s | GB/s | % roofline | rel err |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| shape | dims | impl | scheme | ms | TFLOP/s | GB/s | % roofline | rel err |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.shape} | {r.M} | {r.N} | {r.K} | {r.impl} | {r.scheme} | "
-            f"{_fmt(r.median_ms, '.4f')} | {_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} | "
-            f"{_fmt(r.roofline_pct, '.0f')} | {r.note or _fmt(r.rel_err, '.1e')} |"
+            f"| {r.shape} | {r.dims} | {r.impl} | {r.scheme} | {_fmt(r.median_ms, '.4f')} | "
+            f"{_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} | {_fmt(r.roofline_pct, '.0f')} | "
+            f"{r.note or _fmt(r.rel_err, '.1e')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], path: str) -> None:
-    """One bar group per (shape, M): TFLOP/s of each implementation and scheme."""
+    """One bar group per case: TFLOP/s (or GB/s for memory-bound suites) of each implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys((r.shape, r.M) for r in rows))
+    metric = _metric(rows[0].suite) if rows else "tflops"
+    cases = list(dict.fromkeys((r.shape, r.dims) for r in rows))
     impls = list(dict.fromkeys(f"{r.impl} {r.scheme}" for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 5))
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 1.2), 5))
     width = 0.8 / max(len(impls), 1)
+    values = {((r.shape, r.dims), f"{r.impl} {r.scheme}"): getattr(r, metric) for r in rows}
     for i, impl in enumerate(impls):
-        vals = []
-        for case in cases:
-            r = next(
-                (r for r in rows if (r.shape, r.M) == case and f"{r.impl} {r.scheme}" == impl), None
-            )
-            vals.append(r.tflops if r is not None and r.tflops is not None else 0.0)
+        vals = [values.get((case, impl)) or 0.0 for case in cases]
         ax.bar([c + i * width for c in range(len(cases))], vals, width, label=impl)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-    ax.set_xticklabels([f"{s}\nM={m}" for s, m in cases], fontsize=8)
-    ax.set_ylabel("TFLOP/s")
+    ax.set_xticklabels([f"{s}\n{d}".replace(" ", "\n") for s, d in cases], fontsize=6)
+    ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -364,22 +629,26 @@ def read_csv(path: str) -> list[dict]:
 
 
 def format_compare(rows: list[dict]) -> str:
-    """One line per (shape, M) of a bench CSV: TFLOP/s of each implementation and scheme, and
-    our best over torch._scaled_mm's best."""
-    impls = {}
+    """One line per case of a bench CSV: the suite's figure (TFLOP/s, or GB/s for decode and
+    rope) for each implementation and scheme, and our best over the best baseline's."""
+    if not rows:
+        return "(no rows)"
+    metric = _metric(rows[0]["suite"])
+    cases = {}
     for r in rows:
-        key = (r["shape"], int(r["M"]))
         label = f"{r['impl'].replace('torch.', '')} {r['scheme']}".replace(" -", "")
-        impls.setdefault(key, {})[label] = float(r["tflops"]) if r["tflops"] else None
-    labels = list(dict.fromkeys(label for v in impls.values() for label in v))
-    head = ["shape", "M", *labels, "ours/_scaled_mm"]
+        cases.setdefault((r["shape"], r["dims"]), {})[label] = (
+            float(r[metric]) if r[metric] else None
+        )
+    labels = list(dict.fromkeys(label for v in cases.values() for label in v))
+    head = ["shape", "dims", *labels, "ours/baseline"]
     table = [head]
-    for (shape, m), vals in impls.items():
+    for (shape, dims), vals in cases.items():
         ours = [v for k, v in vals.items() if k.startswith("fp8nemo") and v]
-        theirs = [v for k, v in vals.items() if k.startswith("_scaled_mm") and v]
+        theirs = [v for k, v in vals.items() if not k.startswith("fp8nemo") and v]
         ratio = f"{max(ours) / max(theirs):.2f}" if ours and theirs else "-"
-        table.append([shape, str(m), *(_fmt(vals.get(k), ".0f") for k in labels), ratio])
+        table.append([shape, dims, *(_fmt(vals.get(k), ".0f") for k in labels), ratio])
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = ["TFLOP/s (median)"]
+    lines = [f"{rows[0]['suite']}: {'TFLOP/s' if metric == 'tflops' else 'GB/s'} (median)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
     return "\n".join(lines)

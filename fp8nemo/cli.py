@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-# fp8nemo.bench.NEMO_GEMM_SHAPES keys, spelled here so --help needs no torch import
+# fp8nemo.bench's suites and GEMM layers, spelled here so --help needs no torch import
+SUITES = ("gemm", "attention", "decode", "rope")
 NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
@@ -22,26 +23,39 @@ def _bench(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from fp8nemo import bench
 
-    start = time.perf_counter()
+    requested = args.suite or ["gemm"]
+    suites = list(bench.SUITES) if "all" in requested else list(dict.fromkeys(requested))
     os.makedirs(args.out, exist_ok=True)
-    with bench.CsvSink(args.out, args.suite) as sink:
-        env, rows = bench.run_suite(args.suite, shapes=args.shape, ms=args.m, on_rows=sink.add)
-    stem = sink.path.removesuffix(".csv")
-    written = [sink.path]
-    if args.markdown:
-        with open(stem + ".md", "w") as f:
-            f.write(bench.format_markdown(env, rows))
-        written.append(stem + ".md")
-    if args.plot:
-        bench.plot(rows, stem + ".png")
-        written.append(stem + ".png")
-    print(bench.format_table(env, rows))
-    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f}s -> {', '.join(written)}")
-    bad = [r for r in rows if r.impl == "fp8nemo" and (r.rel_err is None or not r.rel_err < 0.1)]
-    if bad:
-        print(f"error: {len(bad)} fp8nemo rows failed their correctness check", file=sys.stderr)
-        return 1
-    return 0
+    failed = 0
+    for suite in suites:
+        start = time.perf_counter()
+        with bench.CsvSink(args.out, suite) as sink:
+            env, rows = bench.run_suite(suite, shapes=args.shape, ms=args.m, on_rows=sink.add,
+                                        budget_s=args.budget)  # fmt: skip
+        stem = sink.path.removesuffix(".csv")
+        written = [sink.path]
+        if args.markdown:
+            with open(stem + ".md", "w") as f:
+                f.write(bench.format_markdown(env, rows))
+            written.append(stem + ".md")
+        if args.plot:
+            bench.plot(rows, stem + ".png")
+            written.append(stem + ".png")
+        print(bench.format_table(env, rows))
+        print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f}s -> {', '.join(written)}\n")
+        # Every fp8nemo row carries its check against an fp32 reference.
+        bad = [
+            r
+            for r in rows
+            if r.impl == "fp8nemo" and not (r.rel_err is not None and r.rel_err < 0.1)
+        ]
+        if bad:
+            print(
+                f"error: {len(bad)} fp8nemo rows of {suite} failed their correctness check",
+                file=sys.stderr,
+            )
+            failed = 1
+    return failed
 
 
 def _inspect(args) -> int:
@@ -84,12 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="time kernels at NeMo-12B shapes beside torch baselines")
-    p.add_argument("--suite", default="gemm", choices=["gemm"])
+    p.add_argument(
+        "--suite",
+        action="append",
+        choices=[*SUITES, "all"],
+        help="gemm, attention, decode, rope or all (repeatable; default gemm)",
+    )
+    p.add_argument(
+        "--budget", type=float, help="seconds per suite; later cases are listed, not run"
+    )
     p.add_argument("--out", default=".", help="directory for the CSV (and .md / .png)")
     p.add_argument(
-        "--shape", action="append", choices=sorted(NEMO_LAYERS), help="only this layer (repeatable)"
+        "--shape",
+        action="append",
+        choices=sorted(NEMO_LAYERS),
+        help="gemm: only this layer (repeatable)",
     )
-    p.add_argument("--m", type=int, action="append", help="only this token count (repeatable)")
+    p.add_argument(
+        "--m",
+        type=int,
+        action="append",
+        help="only this size (repeatable): gemm M, attention S, decode L, rope T",
+    )
     p.add_argument("--markdown", action="store_true", help="also write a markdown table")
     p.add_argument("--plot", action="store_true", help="also plot TFLOP/s (needs matplotlib)")
     p.set_defaults(run=_bench)

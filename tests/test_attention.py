@@ -198,3 +198,11 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
 def test_bad_input_is_a_clear_error(kwargs, error, match):
     check_bad_input(flash_attention, kwargs, error, match)
+
+
+def test_fp8_mixed_descale_layouts(device, gen):
+    """Each descale is read with its own layout: a scalar q, a [B, Hk] k and a [1] v."""
+    (q, k, v), scales = make_qkv((2, 90, 8, 64), (2, 90, 2, 64), E4M3, gen, device, (2, 2))
+    scales["q_descale"] = scales["q_descale"][0, 0].clone()  # 0-d
+    scales["v_descale"] = scales["v_descale"][1, 1].reshape(1).clone()
+    check(q, k, v, causal=True, **scales)

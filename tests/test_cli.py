@@ -57,7 +57,29 @@ def test_inspect_refuses_the_interpreter():
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
 
 
-def test_the_cli_knows_the_bench_layers():
+def test_the_cli_knows_the_bench_layers_and_suites():
     from fp8nemo import cli
 
     assert set(cli.NEMO_LAYERS) == set(bench.NEMO_GEMM_SHAPES)
+    assert set(cli.SUITES) == set(bench.SUITES)
+
+
+@pytest.mark.slow
+def test_bench_attention_decode_rope_on_cpu(tmp_path):
+    proc = fp8nemo("bench", "--suite", "attention", "--suite", "decode", "--suite", "rope",
+                   "--m", "128", "--out", str(tmp_path), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for suite in ("attention", "decode", "rope"):
+        (csv_path,) = tmp_path.glob(f"bench_{suite}_*.csv")
+        rows = list(csv.DictReader(csv_path.open()))
+        ours = [r for r in rows if r["impl"] == "fp8nemo"]
+        assert ours and all(r["mode"] == bench.CORRECTNESS_ONLY for r in rows)
+        assert all(float(r["rel_err"]) < 0.1 for r in ours), ours
+
+
+def test_bench_budget_lists_the_cases_it_did_not_run(tmp_path):
+    proc = fp8nemo("bench", "--suite", "rope", "--budget", "0", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (csv_path,) = tmp_path.glob("bench_rope_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 6 and all(r["note"].startswith("not run") for r in rows)

@@ -145,3 +145,11 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
 def test_bad_input_is_a_clear_error(kwargs, error, match):
     check_bad_input(decode_attention, kwargs, error, match)
+
+
+def test_fp8_mixed_descale_layouts(device, gen):
+    """k_descale [B, Hk] and a scalar v_descale, each read with its own layout."""
+    q, k, v, scales = make(2, 300, 8, 2, 128, E4M3, gen, device)
+    scales["v_descale"] = scales["v_descale"][1, 0].clone()
+    lens = torch.tensor([300, 150], dtype=torch.int32, device=device)
+    check(q, k, v, lens, 3, **scales)

@@ -266,6 +266,13 @@ def check_tensor(
     return t
 
 
+def descale_strides(descale: torch.Tensor | None) -> tuple[int, int]:
+    """(batch, head) strides of a [B, Hk] descale as a kernel reads it; a scalar broadcasts."""
+    if descale is None or descale.numel() == 1:
+        return 0, 0
+    return descale.stride(0), descale.stride(1)
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors on one CUDA or CPU device (meta for shape propagation); returns it."""
     named = [(n, t) for n, t in tensors.items() if t is not None]

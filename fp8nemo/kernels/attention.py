@@ -32,6 +32,7 @@ from ._triton import (
     check_same_device,
     check_tensor,
     check_types,
+    descale_strides,
     launch,
     m_bucket,
     register_op,
@@ -128,7 +129,8 @@ def _attention_kernel(
     S, G, window, softmax_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh, stride_ls, stride_db, stride_dh,
+    stride_lb, stride_lh, stride_ls,
+    stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, FP8: tl.constexpr,
     STORE_LSE: tl.constexpr, OFFSET_64: tl.constexpr, HEAD_DIM: tl.constexpr,
     GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -161,8 +163,8 @@ def _attention_kernel(
 
     scale = softmax_scale * 1.4426950408889634  # log2(e): exp2 below
     if FP8:
-        desc = b * stride_db + kvh * stride_dh
-        scale = scale * tl.load(q_desc_ptr + desc) * tl.load(k_desc_ptr + desc)
+        q_desc = tl.load(q_desc_ptr + b * stride_qdb + kvh * stride_qdh)
+        scale = scale * q_desc * tl.load(k_desc_ptr + b * stride_kdb + kvh * stride_kdh)
 
     # Keys [lo, hi) are visible to some row; inside [full_lo, full_hi) to every row.
     hi = seqlen
@@ -191,7 +193,7 @@ def _attention_kernel(
     l_safe = tl.where(l == 0.0, 1.0, l)
     out = acc / l_safe[:, None]
     if FP8:
-        out = out * (tl.load(v_desc_ptr + desc) / 256.0)
+        out = out * (tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh) / 256.0)
     o_rows = b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
     tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok)  # fmt: skip
@@ -387,10 +389,6 @@ def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_
     block_q = max(1, config.meta["BLOCK_M"] // GP)
     fp8 = q.dtype == fp8_ref.E4M3
     q_d, k_d, v_d = descales
-    desc_strides = (0, 0) if not fp8 or q_d.numel() == 1 else q_d.stride()
-    for t in (k_d, v_d):  # one set of strides serves all three: make them agree
-        if fp8 and t.numel() > 1 and t.stride() != desc_strides:
-            raise ValueError("q_descale, k_descale and v_descale must share their layout")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     grid = (triton.cdiv(S, block_q), B, Hk)
     offset_64 = (S + config.meta["BLOCK_N"]) * max(k.stride(-3), v.stride(-3)) >= 2**31
@@ -399,7 +397,8 @@ def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_
             _attention_kernel, grid,
             q, k, v, out, lse, cu_seqlens, q_d, k_d, v_d,
             S, G, window if window is not None else 0, scale,
-            *lead(q), *lead(k), *lead(v), *lead(out), *lse_strides, *desc_strides,
+            *lead(q), *lead(k), *lead(v), *lead(out), *lse_strides,
+            *descale_strides(q_d), *descale_strides(k_d), *descale_strides(v_d),
             CAUSAL=causal, WINDOW=window is not None, VARLEN=packed, FP8=fp8,
             STORE_LSE=lse is not None, OFFSET_64=offset_64, HEAD_DIM=D,
             GP=GP, BLOCK_Q=block_q, BLOCK_N=config.meta["BLOCK_N"],

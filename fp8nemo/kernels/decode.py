@@ -34,6 +34,7 @@ from ._triton import (
     check_same_device,
     check_tensor,
     check_types,
+    descale_strides,
     launch,
     m_bucket,
     num_sms,
@@ -78,7 +79,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, part_ptr, part_lse_ptr, k_desc_ptr, v_desc_ptr,
     G, window, softmax_scale, chunk,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_oh, stride_db, stride_dh,
+    stride_ob, stride_oh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
     WINDOW: tl.constexpr, FP8_CACHE: tl.constexpr, SPLIT: tl.constexpr, OFFSET_64: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -103,8 +104,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
     scale = softmax_scale * 1.4426950408889634  # log2(e): exp2 below
     if FP8_CACHE:
-        desc = b * stride_db + kvh * stride_dh
-        scale = scale * tl.load(k_desc_ptr + desc)
+        scale = scale * tl.load(k_desc_ptr + b * stride_kdb + kvh * stride_kdh)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
@@ -135,7 +135,7 @@ def _decode_kernel(
     l_safe = tl.where(l == 0.0, 1.0, l)
     out = acc / l_safe[:, None]
     if FP8_CACHE:
-        out = out * tl.load(v_desc_ptr + desc)
+        out = out * tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh)
     if SPLIT:
         # Normalized partial output and its log2-sum-exp (-inf for an empty split).
         rows = (b * tl.num_programs(1) * G + head).to(tl.int64) * tl.num_programs(2) + split
@@ -282,9 +282,6 @@ def _launches(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, window, k_
     chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
     num_splits = triton.cdiv(S_max, chunk)  # no split left without keys to read
     fp8 = k_cache.dtype == fp8_ref.E4M3
-    desc_strides = (0, 0) if not fp8 or k_descale.numel() == 1 else k_descale.stride()
-    if fp8 and v_descale.numel() > 1 and v_descale.stride() != desc_strides:
-        raise ValueError("k_descale and v_descale must share their layout")
     split = num_splits > 1
     part = part_lse = None
     if split:
@@ -298,7 +295,7 @@ def _launches(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, window, k_
             q, k_cache, v_cache, cache_seqlens, out, part, part_lse, k_descale, v_descale,
             G, window if window is not None else 0, scale, chunk,
             q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            out.stride(0), out.stride(1), *desc_strides,
+            out.stride(0), out.stride(1), *descale_strides(k_descale), *descale_strides(v_descale),
             WINDOW=window is not None, FP8_CACHE=fp8, SPLIT=split, OFFSET_64=offset_64, HEAD_DIM=D,
             BLOCK_H=max(MIN_ROWS, triton.next_power_of_2(G)), BLOCK_N=block_n,
             BLOCK_D=triton.next_power_of_2(D),
