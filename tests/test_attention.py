@@ -174,7 +174,7 @@ BAD_INPUTS = [
     (qkv(q=torch.randn(2, 8, 4, 320).bfloat16(), k=torch.randn(2, 8, 2, 320).bfloat16(), v=torch.randn(2, 8, 2, 320).bfloat16()), ValueError, "head_dim must be a multiple of 16 up to 256"),
     (qkv(q=torch.randn(2, 8, 4, 72).bfloat16(), k=torch.randn(2, 8, 2, 72).bfloat16(), v=torch.randn(2, 8, 2, 72).bfloat16()), ValueError, "head_dim must be a multiple of 16"),
     (qkv(k=torch.randn(2, 8, 2, 64).half()), TypeError, "k must have dtype bfloat16"),
-    (qkv(q=torch.ones(2, 8, 4, 64).to(E4M3), k=e4m3, v=e4m3), ValueError, "need q_descale, k_descale and v_descale"),
+    (qkv(q=torch.ones(2, 8, 4, 64).to(E4M3), k=e4m3, v=e4m3), ValueError, "needs q_descale, k_descale and v_descale"),
     (qkv(q_descale=torch.ones(())), ValueError, "q_descale applies to e4m3 input only"),
     (qkv(q=torch.ones(2, 8, 4, 64).to(E4M3), k=e4m3, v=e4m3, q_descale=torch.ones(2, 4), k_descale=torch.ones(()), v_descale=torch.ones(())), ValueError, r"q_descale must be \[B, Hk\] = \[2, 2\]"),
     (qkv(window=4, causal=False), ValueError, "needs causal=True"),

@@ -266,6 +266,25 @@ def check_tensor(
     return t
 
 
+def check_scales(scales: dict, fp8: bool, what: str, shape: tuple, shape_text: str) -> None:
+    """fp32 dequant scales, given exactly when the data (`what`) is e4m3: each a scalar ([] or
+    [1]) or of `shape`."""
+    names = list(scales)
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    for name, t in scales.items():
+        if not fp8:
+            if t is not None:
+                raise ValueError(f"{name} applies to {what} only")
+            continue
+        if t is None:
+            raise ValueError(f"{what} needs {listed}; {name} is None")
+        check_tensor(name, t, (torch.float32,))
+        if not (t.numel() == 1 and t.dim() <= 1) and tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"{name} must be {shape_text} or a scalar ([] / [1]); got {list(t.shape)}"
+            )
+
+
 def descale_strides(descale: torch.Tensor | None) -> tuple[int, int]:
     """(batch, head) strides of a [B, Hk] descale as a kernel reads it; a scalar broadcasts."""
     if descale is None or descale.numel() == 1:

@@ -30,6 +30,7 @@ from ._triton import (
     Launch,
     capability,
     check_same_device,
+    check_scales,
     check_tensor,
     check_types,
     descale_strides,
@@ -346,21 +347,7 @@ def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
             raise ValueError("max_seqlen applies to packed input (with cu_seqlens) only")
         B = q.shape[0]
     descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
-    if q.dtype == fp8_ref.E4M3:
-        for name, t in descales.items():
-            if t is None:
-                raise ValueError(
-                    f"e4m3 q/k/v need q_descale, k_descale and v_descale; {name} is None"
-                )
-            check_tensor(name, t, (torch.float32,))
-            if not (t.numel() == 1 and t.dim() <= 1) and tuple(t.shape) != (B, Hk):
-                raise ValueError(
-                    f"{name} must be [B, Hk] = [{B}, {Hk}] or a scalar; got {list(t.shape)}"
-                )
-    else:
-        for name, t in descales.items():
-            if t is not None:
-                raise ValueError(f"{name} applies to e4m3 input only; q is {q.dtype}")
+    check_scales(descales, q.dtype == fp8_ref.E4M3, "e4m3 input", (B, Hk), f"[B, Hk] = [{B}, {Hk}]")
     check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, **descales)
     return B
 

@@ -32,6 +32,7 @@ from ._triton import (
     Launch,
     capability,
     check_same_device,
+    check_scales,
     check_tensor,
     check_types,
     descale_strides,
@@ -247,20 +248,8 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_des
         )
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
-    for name, t in (("k_descale", k_descale), ("v_descale", v_descale)):
-        if k_cache.dtype != fp8_ref.E4M3:
-            if t is not None:
-                raise ValueError(
-                    f"{name} applies to an e4m3 cache only; the cache is {k_cache.dtype}"
-                )
-            continue
-        if t is None:
-            raise ValueError(f"an e4m3 cache needs k_descale and v_descale; {name} is None")
-        check_tensor(name, t, (torch.float32,))
-        if not (t.numel() == 1 and t.dim() <= 1) and tuple(t.shape) != (B, Hk):
-            raise ValueError(
-                f"{name} must be [B, Hk] = [{B}, {Hk}] or a scalar; got {list(t.shape)}"
-            )
+    check_scales({"k_descale": k_descale, "v_descale": v_descale}, k_cache.dtype == fp8_ref.E4M3,
+                 "an e4m3 cache", (B, Hk), f"[B, Hk] = [{B}, {Hk}]")  # fmt: skip
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                       k_descale=k_descale, v_descale=v_descale)  # fmt: skip
     if values and cache_seqlens.device.type != "meta" and cache_seqlens.numel():

@@ -28,6 +28,7 @@ from ._triton import (
     INTERPRET,
     Launch,
     check_same_device,
+    check_scales,
     check_tensor,
     check_types,
     launch,
@@ -321,20 +322,8 @@ def _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale, values=T
         )
     if slots.shape[0] != T:
         raise ValueError(f"slots must be [T] = [{T}]; got {list(slots.shape)}")
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if k_cache.dtype != fp8_ref.E4M3:
-            if scale is not None:
-                raise ValueError(
-                    f"{name} applies to an e4m3 cache only; the cache is {k_cache.dtype}"
-                )
-            continue
-        if scale is None:
-            raise ValueError(
-                f"an e4m3 cache needs {name} (fp32, [] / [1] per tensor or [{Hk}] per head)"
-            )
-        check_tensor(name, scale, (torch.float32,))
-        if scale.numel() not in (1, Hk) or scale.dim() > 1:
-            raise ValueError(f"{name} must be [] / [1] or [{Hk}]; got shape {list(scale.shape)}")
+    check_scales({"k_scale": k_scale, "v_scale": v_scale}, k_cache.dtype == fp8_ref.E4M3,
+                 "an e4m3 cache", (Hk,), f"[Hk] = [{Hk}]")  # fmt: skip
     if values:
         _check_range("slots", slots, -1, B * S_max, "b * S_max + s, or -1 to skip")
 
@@ -367,17 +356,25 @@ def _rope_launches(q, k, positions, cos_sin_cache, interleaved, v=None, k_cache=
     ]  # fmt: skip
 
 
-def _rope_impl(q, k, positions, cos_sin_cache, *, interleaved=False):
-    _check_rope(q, k, positions, cos_sin_cache, interleaved)
+def _run(q, k, positions, cos_sin_cache, interleaved, cache_args=()):
+    """Rotate q and k in place and, with cache_args (v, k_cache, v_cache, slots, k_scale,
+    v_scale), write k and v into the cache."""
     if q.shape[0] == 0:
         return
-    if not use_triton(q.device, "rope_"):
+    if not use_triton(q.device, "rope_kv_cache_" if cache_args else "rope_"):
         q_rot, k_rot = rope_reference(q, k, positions, cos_sin_cache, interleaved)
         q.copy_(q_rot)
         k.copy_(k_rot)
+        if cache_args:
+            kv_cache_write_reference(k, *cache_args)
         return
-    for step in _rope_launches(q, k, positions, cos_sin_cache, interleaved):
+    for step in _rope_launches(q, k, positions, cos_sin_cache, interleaved, *cache_args):
         step()
+
+
+def _rope_impl(q, k, positions, cos_sin_cache, *, interleaved=False):
+    _check_rope(q, k, positions, cos_sin_cache, interleaved)
+    _run(q, k, positions, cos_sin_cache, interleaved)
 
 
 def _rope_fake(q, k, positions, cos_sin_cache, *, interleaved=False):
@@ -388,17 +385,9 @@ def _rope_kv_cache_impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slo
                         k_scale=None, v_scale=None, interleaved=False):  # fmt: skip
     _check_rope(q, k, positions, cos_sin_cache, interleaved)
     _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
-    if q.shape[0] == 0:
-        return
-    if not use_triton(q.device, "rope_kv_cache_"):
-        q_rot, k_rot = rope_reference(q, k, positions, cos_sin_cache, interleaved)
-        q.copy_(q_rot)
-        k.copy_(k_rot)
-        kv_cache_write_reference(k, v, k_cache, v_cache, slots, k_scale, v_scale)
-        return
-    for step in _rope_launches(q, k, positions, cos_sin_cache, interleaved, v, k_cache, v_cache,
-                               slots, k_scale, v_scale):  # fmt: skip
-        step()
+    _run(
+        q, k, positions, cos_sin_cache, interleaved, (v, k_cache, v_cache, slots, k_scale, v_scale)
+    )
 
 
 def _rope_kv_cache_fake(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, *,
