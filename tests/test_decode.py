@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import check_bad_input, poisoned, randn
 
 from fp8nemo.kernels import decode_attention
@@ -107,6 +108,45 @@ def test_public_op_splits_long_caches(device, gen):
     assert torch.equal(decode_attention(q, k, v, lens), out)
 
 
+def named_configs():
+    caps = [(9, 0), (8, 9)]
+    if DEVICE == "cuda":
+        caps = [torch.cuda.get_device_capability()] if torch.cuda.is_available() else []
+    for cap in caps:
+        for c in Dm.configs_for(cap):
+            yield pytest.param(c, id=f"sm{cap[0]}{cap[1]}-{c.name}")
+
+
+@pytest.mark.parametrize("config", list(named_configs()))
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=str)
+def test_every_named_config(config, cache_dtype, device, gen):
+    q, k, v, scales = make(3, 700, 8, 2, 128, cache_dtype, gen, device)
+    lens = torch.tensor([700, 1, 333], dtype=torch.int32, device=device)
+    check(q, k, v, lens, 3, config, window=400, **scales)
+
+
+def test_strided_cache_seqlens(device, gen):
+    """Lengths given as a column of a table are read through their stride."""
+    q, k, v, _ = make(3, 200, 8, 2, 64, torch.bfloat16, gen, device)
+    table = torch.tensor([[200, 9], [17, 9], [90, 9]], dtype=torch.int32, device=device)
+    check(q, k, v, table[:, 0], 2)
+
+
+def test_lengths_past_the_cache_are_clamped_in_the_kernel(device, gen):
+    """Inside a CUDA graph no host check runs: a length past S_max reads the whole cache, no
+    further."""
+    q, k, v, _ = make(2, 64, 4, 2, 64, torch.bfloat16, gen, device)
+    config = Dm._config("t", 32, 4, 2)
+    outs = []
+    for lens in ([64, 64], [1000, 64]):
+        out = poisoned(q.shape, q.dtype, q.device)
+        for step in Dm._launches(q, k, v, torch.tensor(lens, dtype=torch.int32, device=device), out,
+                                 None, None, None, None, config, 2):  # fmt: skip
+            step()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_split_heuristic():
     assert Dm.num_splits_for(16 * 8, 131072, 132) == 3  # 2 waves over 132 SMs: 264 / 128 programs
     assert Dm.num_splits_for(1 * 8, 131072, 132) == 33
@@ -131,7 +171,7 @@ BAD_INPUTS = [
     (args(k_cache=fp8_cache, v_cache=fp8_cache), ValueError, "needs k_descale and v_descale"),
     (args(k_descale=torch.ones(())), ValueError, "k_descale applies to an e4m3 cache only"),
     (args(k_cache=fp8_cache, v_cache=fp8_cache, k_descale=torch.ones(2, 3), v_descale=torch.ones(())), ValueError, r"k_descale must be \[B, Hk\] = \[2, 2\]"),
-    (args(cache_seqlens=torch.tensor([5, 33], dtype=torch.int32)), ValueError, r"cache_seqlens must lie in \[0, S_max = 32\]"),
+    (args(cache_seqlens=torch.tensor([5, 33], dtype=torch.int32)), ValueError, r"cache_seqlens must lie in \[0, 33\)"),
     (args(cache_seqlens=torch.tensor([5, 32])), TypeError, "cache_seqlens must have dtype int32"),
     (args(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError, r"cache_seqlens must be \[B\] = \[2\]"),
     (args(v_cache=torch.randn(2, 31, 2, 64).bfloat16()), ValueError, "v_cache must have k_cache's shape"),
@@ -139,6 +179,9 @@ BAD_INPUTS = [
     (args(q=torch.randn(2, 64, 8).bfloat16().transpose(1, 2)), ValueError, "q must have unit stride along D"),
     (args(q=torch.randn(2, 8, 64).to(E4M3)), TypeError, "q must have dtype float16, bfloat16"),
     (args(q="q"), TypeError, "q must be torch.Tensor"),
+    (args(cache_seqlens=torch.tensor([5.0, 32.0])), TypeError, "cache_seqlens must have dtype int32"),
+    (args(k_cache=torch.randn(2, 32, 64, 2).bfloat16().transpose(2, 3), v_cache=torch.randn(2, 32, 2, 64).bfloat16()), ValueError, "k_cache must have unit stride along D"),
+    (args(k_cache=fp8_cache, v_cache=fp8_cache, k_descale=torch.ones((), dtype=torch.float64), v_descale=torch.ones(())), TypeError, "k_descale must have dtype float32"),
 ]  # fmt: skip
 
 

@@ -18,7 +18,7 @@ MAX_POS = 131072
 SCALINGS = {
     "none": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
-    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "max_position_embeddings": 32768},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
     "yarn-mscale": {
         "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
@@ -40,8 +40,8 @@ def hf_inv_freq(rot_dim, theta, scaling, max_pos):
     max_position = max_pos
     if scaling is not None:
         params = {**scaling, "rope_theta": theta}
-        if scaling["rope_type"] == "dynamic":  # HF's dynamic reads the original length here
-            max_position = params.pop("original_max_position_embeddings")
+        if scaling["rope_type"] == "dynamic":  # HF's dynamic reads the length from the config
+            max_position = params.pop("max_position_embeddings")
     config = transformers.MistralConfig(
         hidden_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=rot_dim,
         max_position_embeddings=max_position, rope_parameters=params,
@@ -87,6 +87,30 @@ def test_cache_against_hf_rotary_embedding_at_long_positions():
     assert_within(cache[:, 64:], sin[0, :, :64], bound, "sin vs HF")
 
 
+@pytest.mark.parametrize("seq_len", [1000, 32768, 50000])
+def test_dynamic_scaling_follows_hf_per_sequence_length(seq_len):
+    """HF's dynamic NTK recomputes frequencies for the sequence in use (plain base up to
+    max_position_embeddings); rope_cache for that many positions gives HF's table."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    config = transformers.MistralConfig(
+        hidden_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+        max_position_embeddings=32768, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e6},
+    )  # fmt: skip
+    hf = MistralRotaryEmbedding(config)
+    pos = torch.tensor([[0, 7, seq_len // 2, seq_len - 1]])
+    cos, sin = hf(torch.zeros(1, 1, 4, 128), pos)
+    scaling = {"rope_type": "dynamic", "factor": 4.0, "max_position_embeddings": 32768}
+    table = rope_cache(128, seq_len, 1e6, scaling)[pos[0]]
+    inv_freq = R._inv_freq(128, 1e6, scaling, seq_len)[0]
+    assert torch.equal(inv_freq, hf.inv_freq.cpu()), "HF's frequencies for this length"
+    angle = pos[0, :, None].double() * inv_freq.double()[None, :]
+    bound = 2 * angle * 2.0**-24 + 2.0**-23
+    assert_within(table[:, :64], cos[0, :, :64], bound, "cos vs HF")
+    assert_within(table[:, 64:], sin[0, :, :64], bound, "sin vs HF")
+
+
 def rope_cache_inv_freq(rot_dim, theta):
     return R._inv_freq(rot_dim, theta, None, 1)[0].double()
 
@@ -120,7 +144,10 @@ def positions_for(kind, T, gen):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("rot_dim", [128, 64])
 @pytest.mark.parametrize("positions_kind", ["prefill", "decode", "packed"])
-@pytest.mark.parametrize("T, HQ, HK, D", [(17, 32, 8, 128), (5, 4, 4, 64), (33, 12, 3, 256)])
+# T=130 spans several programs of the interpreter's 64 tokens; Hq=40 two head blocks of 32.
+@pytest.mark.parametrize(
+    "T, HQ, HK, D", [(17, 32, 8, 128), (5, 4, 4, 64), (33, 12, 3, 256), (130, 40, 8, 128)]
+)
 def test_rotation_matches_reference(
     dtype, interleaved, rot_dim, positions_kind, T, HQ, HK, D, device, gen
 ):
@@ -216,6 +243,31 @@ def test_fused_cache_write_matches_unfused(cache_dtype, per_head_scale, rot_dim,
         assert (k_cache.float().abs() == 448).any(), "the test meant some values to saturate"
 
 
+def test_strided_positions_slots_and_scales(device, gen):
+    """Views with strides (a decode step's last column of position ids, a column of a slot
+    table, per-head scales picked from a wider tensor) are read through their strides."""
+    T, HQ, HK, D = 6, 4, 2, 64
+    cos_sin = rope_cache(D, 512, 1e4)
+    position_ids = torch.randint(0, 512, (T, 3), generator=gen)
+    slot_table = torch.stack(
+        [torch.randperm(2 * 16, generator=gen)[:T], torch.zeros(T, dtype=torch.int64)], 1
+    )
+    scales = torch.rand(HK, 2, generator=gen) * 0.02 + 0.005
+    q, k, v = (randn(T, h, D, gen=gen, dtype=torch.bfloat16, device=device) for h in (HQ, HK, HK))
+    want_q, want_k = rope_reference(q.cpu(), k.cpu(), position_ids[:, -1], cos_sin)
+    want_kc, want_vc = (torch.zeros(2, 16, HK, D).to(E4M3) for _ in range(2))
+    kv_cache_write_reference(
+        want_k, v.cpu(), want_kc, want_vc, slot_table[:, 0], scales[:, 1], scales[:, 1]
+    )
+    k_cache, v_cache = (torch.zeros(2, 16, HK, D, device=device).to(E4M3) for _ in range(2))
+    d = lambda t: t.to(device)  # noqa: E731
+    rope_kv_cache_(q, k, v, d(position_ids)[:, -1], d(cos_sin), k_cache, v_cache, d(slot_table)[:, 0],
+                   k_scale=d(scales)[:, 1], v_scale=d(scales)[:, 1])  # fmt: skip
+    assert torch.equal(q.cpu(), want_q) and torch.equal(k.cpu(), want_k)
+    assert_codes_equal(k_cache, d(want_kc), "k_cache")
+    assert_codes_equal(v_cache, d(want_vc), "v_cache")
+
+
 def test_out_of_range_position_gives_nan_in_the_kernel(device, gen):
     """Inside a CUDA graph no host check runs: the kernel rotates a bad position into NaN."""
     T, H, D = 4, 2, 64
@@ -229,6 +281,24 @@ def test_out_of_range_position_gives_nan_in_the_kernel(device, gen):
         q.isnan().any(-1).any(-1).cpu().eq(bad).all()
         and k.isnan().all(-1).all(-1).cpu().eq(bad).all()
     )
+
+
+def test_out_of_range_slots_are_not_written_in_the_kernel(device, gen):
+    """Inside a CUDA graph no host check runs: a slot past the cache writes nothing."""
+    T, H, D = 3, 2, 64
+    cos_sin = rope_cache(D, 64, 1e4).to(device)
+    q, k, v = (randn(T, H, D, gen=gen, dtype=torch.bfloat16, device=device) for _ in range(3))
+    k_cache, v_cache = (
+        torch.full((1, 4, H, D), float("nan"), device=device).bfloat16() for _ in range(2)
+    )
+    slots = torch.tensor([1, 4, 1000], device=device)  # 4 and 1000 lie past the 4 slots
+    positions = torch.arange(T, device=device)
+    for step in R._rope_launches(
+        q, k, positions, cos_sin, False, v, k_cache, v_cache, slots, None, None
+    ):
+        step()
+    written = ~k_cache.isnan().all(-1).all(-1)[0]
+    assert written.cpu().tolist() == [False, True, False, False]
 
 
 def rope_args(**kw):
@@ -283,6 +353,9 @@ CACHE_BAD = [
     (cache_args(k_cache=torch.zeros(2, 8, 2, 64, dtype=torch.int8), v_cache=torch.zeros(2, 8, 2, 64, dtype=torch.int8)), TypeError, "k_cache must have dtype"),
     (cache_args(v=torch.randn(5, 2, 32)), ValueError, "v must have k's shape"),
     (cache_args(slots=torch.arange(4)), ValueError, r"slots must be \[T\]"),
+    (cache_args(slots=torch.arange(5.0)), TypeError, "slots must have dtype int32, int64"),
+    (cache_args(E4M3, k_scale=torch.ones(1, dtype=torch.float16)), TypeError, "k_scale must have dtype float32"),
+    (cache_args(k_cache=torch.zeros(2, 8, 64, 2, dtype=torch.bfloat16).transpose(2, 3), v_cache=torch.zeros(2, 8, 64, 2, dtype=torch.bfloat16).transpose(2, 3)), ValueError, "unit stride along D"),
 ]  # fmt: skip
 
 

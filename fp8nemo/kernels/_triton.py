@@ -42,6 +42,11 @@ def _fix_interpreter_float_casts() -> None:
     """
     from triton.runtime import interpreter
 
+    if not hasattr(interpreter, "_convert_float") or not hasattr(interpreter, "_ir"):
+        logger.warning(
+            "fp8nemo: this Triton's interpreter differs from 3.6-3.9; float casts unfixed"
+        )
+        return
     if getattr(interpreter._convert_float, "_fp8nemo", False):
         return
     original = interpreter._convert_float
@@ -77,6 +82,13 @@ def _fix_interpreter_float_casts() -> None:
 
     # tl.dot multiplies bf16 operands as the uint16 arrays the interpreter stores them in; the
     # tensor cores multiply their values (exactly, in fp32). Widen bf16 operands first.
+    if not hasattr(interpreter, "TensorHandle") or not hasattr(
+        interpreter.InterpreterBuilder, "create_dot"
+    ):
+        logger.warning(
+            "fp8nemo: this Triton's interpreter has no create_dot to fix; bf16 dots may be wrong"
+        )
+        return
     original_dot = interpreter.InterpreterBuilder.create_dot
 
     def create_dot(self, a, b, d, *args):
@@ -264,6 +276,28 @@ def check_tensor(
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {list(t.shape)}")
     return t
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether to read `t`'s values on the host for checks: not for meta/fake tensors, not while
+    a CUDA graph captures, and not on CUDA with FP8NEMO_CHECK_VALUES=0 (each check costs a
+    device sync; the kernels then guard their memory accesses themselves)."""
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        return os.environ.get("FP8NEMO_CHECK_VALUES", "1") != "0"
+    return True
+
+
+def check_in_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """ValueError unless every value of the integer tensor `t` lies in [low, high)."""
+    if t.numel() == 0 or not value_checks_enabled(t):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < low or hi >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}) ({what}); got values in [{lo}, {hi}]")
 
 
 def check_scales(scales: dict, fp8: bool, what: str, shape: tuple, shape_text: str) -> None:

@@ -38,13 +38,16 @@ from ._triton import (
     m_bucket,
     register_op,
     use_triton,
+    value_checks_enabled,
 )
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-P_SCALE = 256.0
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# P goes to e4m3 as P * P_SCALE: a power of two, so the scaling is exact, that puts P's [0, 1]
+# high in e4m3's range (max 448) without saturating.
+P_SCALE = tl.constexpr(256.0)
+LOG2E = tl.constexpr(math.log2(math.e))  # softmax runs in base 2 (exp2)
+LN2 = tl.constexpr(math.log(2.0))
 
 
 def _config(prefix, rows, block_n, warps, stages):
@@ -116,7 +119,7 @@ def _attn_range(
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kj_off * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         if FP8:
-            pv = tl.dot((p * 256.0).to(tl.float8e4nv), v)
+            pv = tl.dot((p * P_SCALE).to(tl.float8e4nv), v)
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
@@ -127,7 +130,7 @@ def _attn_range(
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, q_desc_ptr, k_desc_ptr, v_desc_ptr,
-    S, G, window, softmax_scale,
+    S, T, G, window, softmax_scale, stride_cu,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
@@ -140,8 +143,9 @@ def _attention_kernel(
     b = tl.program_id(1)
     kvh = tl.program_id(2)
     if VARLEN:
-        start = tl.load(cu_ptr + b)
-        seqlen = tl.load(cu_ptr + b + 1) - start
+        # Clamped into [0, T] so that bad offsets (unchecked inside a CUDA graph) stay in bounds.
+        start = min(max(tl.load(cu_ptr + b * stride_cu), 0), T)
+        seqlen = min(max(tl.load(cu_ptr + (b + 1) * stride_cu), start), T) - start
     else:
         start = 0
         seqlen = S
@@ -162,7 +166,7 @@ def _attention_kernel(
     q_rows = b.to(tl.int64) * stride_qb + tok * stride_qs + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
 
-    scale = softmax_scale * 1.4426950408889634  # log2(e): exp2 below
+    scale = softmax_scale * LOG2E
     if FP8:
         q_desc = tl.load(q_desc_ptr + b * stride_qdb + kvh * stride_qdh)
         scale = scale * q_desc * tl.load(k_desc_ptr + b * stride_kdb + kvh * stride_kdh)
@@ -194,12 +198,12 @@ def _attention_kernel(
     l_safe = tl.where(l == 0.0, 1.0, l)
     out = acc / l_safe[:, None]
     if FP8:
-        out = out * (tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh) / 256.0)
+        out = out * (tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh) / P_SCALE)
     o_rows = b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
     tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok)  # fmt: skip
     if STORE_LSE:
-        lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * LN2)
         lse_rows = b.to(tl.int64) * stride_lb + head * stride_lh + tok * stride_ls
         tl.store(lse_ptr + lse_rows, lse, mask=row_ok)
 
@@ -237,9 +241,10 @@ def attention_reference(
         n = cu[b + 1] - cu[b]
         qb, kb, vb = (t[rows].to(acc_dtype).transpose(0, 1) for t in (q, k, v))  # [H, n, D]
         if fp8:
-            qb = qb * _descale(q_descale, b, G, Hq)
-            kb = kb * _descale(k_descale, b, 1, k.shape[1])
-            vb = vb * _descale(v_descale, b, 1, k.shape[1])
+            Hk = k.shape[1]
+            qb = qb * expand_descale(q_descale, b, Hk).repeat_interleave(G)[:, None, None]
+            kb = kb * expand_descale(k_descale, b, Hk)[:, None, None]
+            vb = vb * expand_descale(v_descale, b, Hk)[:, None, None]
         kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)
         s = qb @ kb.transpose(1, 2) * scale
         i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
@@ -255,37 +260,36 @@ def attention_reference(
         l = p.sum(-1, keepdim=True)
         lse[:, rows] = (m + l.log()).squeeze(-1)
         if quantize_p:  # P * 256 rounded to e4m3; the row sum stays unquantized
-            p = fp8_ref.saturating_cast(p * P_SCALE).to(acc_dtype) / P_SCALE
+            p = fp8_ref.saturating_cast(p * P_SCALE.value).to(acc_dtype) / P_SCALE.value
         out[rows] = ((p @ vb) / l.masked_fill(l == 0, 1.0)).transpose(0, 1)
     out = out.to(out_dtype)
     if not packed:
         out = out.unflatten(0, (B, S))
-        lse = lse.unflatten(1, (B, S)).transpose(0, 1)
+        lse = lse.unflatten(1, (B, S)).transpose(0, 1).contiguous()
     return out, (lse if acc_dtype == torch.float64 else lse.float())
 
 
-def _descale(descale, b, repeat, heads):
-    """Per-head multipliers [heads, 1, 1] from a [B, Hk] or scalar descale."""
+def expand_descale(descale, b, heads):
+    """Sequence b's per-KV-head multipliers [heads] from a [B, Hk] or scalar descale."""
     d = descale.float().cpu()
-    d = d.reshape(()).expand(heads // repeat) if d.numel() == 1 else d[b]
-    return d.repeat_interleave(repeat)[:, None, None]
+    return d.reshape(()).expand(heads) if d.numel() == 1 else d[b]
 
 
 # ---------------------------------------------------------------------------------------------
 # launcher
 
 
-def _check_range_values(name, cu_seqlens, T, max_seqlen):
-    """Host checks of cu_seqlens (skipped while a CUDA graph captures or for fake tensors)."""
-    if cu_seqlens.device.type == "meta":
-        return
-    if cu_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+def _check_cu_seqlens(cu_seqlens, T, max_seqlen):
+    """cu_seqlens starts at 0, never decreases, ends at T, and no sequence exceeds max_seqlen
+    (values are read where value checks run; see value_checks_enabled)."""
+    if not value_checks_enabled(cu_seqlens):
         return
     cu = cu_seqlens.cpu()
     lens = cu[1:] - cu[:-1]
     if cu[0] != 0 or cu[-1] != T or (lens < 0).any():
+        shown = cu.tolist()[:8]
         raise ValueError(
-            f"{name} must start at 0, never decrease and end at T = {T}; got {cu.tolist()[:8]}"
+            f"cu_seqlens must start at 0, never decrease and end at T = {T}; got {shown}"
             f"{'...' if cu.numel() > 8 else ''} ending at {int(cu[-1])}"
         )
     if int(lens.max()) > max_seqlen:
@@ -294,8 +298,24 @@ def _check_range_values(name, cu_seqlens, T, max_seqlen):
         )
 
 
+def check_attention_params(head_dim, window, softmax_scale, causal=True):
+    """The head_dim, window and softmax_scale rules flash and decode attention share."""
+    if head_dim % 16 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 16 up to {MAX_HEAD_DIM}; got {head_dim}")
+    if window is not None:
+        if window < 1:
+            raise ValueError(
+                f"window must be >= 1 (a query sees itself and the window - 1 keys before it); "
+                f"got {window}"
+            )
+        if not causal:
+            raise ValueError("window is Mistral's causal sliding window: it needs causal=True")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
+
+
 def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
-                q_descale, k_descale, v_descale, values=True):  # fmt: skip
+                q_descale, k_descale, v_descale):  # fmt: skip
     """Validate the op's arguments; returns the batch size."""
     check_tensor("q", q, (*HALF_DTYPES, fp8_ref.E4M3))
     check_tensor("k", k, (q.dtype,))
@@ -317,18 +337,7 @@ def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
     Hq, Hk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"q's {Hq} heads must be a multiple of k's {Hk} heads (GQA)")
-    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be a multiple of 16 up to {MAX_HEAD_DIM}; got {D}")
-    if window is not None:
-        if window < 1:
-            raise ValueError(
-                f"window must be >= 1 (a query sees itself and the window - 1 keys before it); "
-                f"got {window}"
-            )
-        if not causal:
-            raise ValueError("window is Mistral's causal sliding window: it needs causal=True")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
+    check_attention_params(D, window, softmax_scale, causal)
     if packed:
         check_tensor("cu_seqlens", cu_seqlens, (torch.int32,), ndim=1)
         if cu_seqlens.shape[0] < 2:
@@ -339,8 +348,7 @@ def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
             raise ValueError(
                 f"packed input needs max_seqlen >= 1, the longest sequence; got {max_seqlen}"
             )
-        if values:
-            _check_range_values("cu_seqlens", cu_seqlens, q.shape[0], max_seqlen)
+        _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
         B = cu_seqlens.shape[0] - 1
     else:
         if max_seqlen is not None:
@@ -383,7 +391,8 @@ def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_
         launch(
             _attention_kernel, grid,
             q, k, v, out, lse, cu_seqlens, q_d, k_d, v_d,
-            S, G, window if window is not None else 0, scale,
+            S, q.shape[0] if packed else 0, G, window if window is not None else 0, scale,
+            cu_seqlens.stride(0) if packed else 0,
             *lead(q), *lead(k), *lead(v), *lead(out), *lse_strides,
             *descale_strides(q_d), *descale_strides(k_d), *descale_strides(v_d),
             CAUSAL=causal, WINDOW=window is not None, VARLEN=packed, FP8=fp8,
@@ -435,7 +444,7 @@ def _flash_attention_fake(q, k, v, *, causal=True, softmax_scale=None, window=No
                           cu_seqlens=None, max_seqlen=None, q_descale=None, k_descale=None,
                           v_descale=None, return_lse=False):  # fmt: skip
     B = _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
-                    q_descale, k_descale, v_descale, values=False)  # fmt: skip
+                    q_descale, k_descale, v_descale)  # fmt: skip
     out_dtype, lse_shape = _out_shapes(q, B)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     return out, torch.empty(lse_shape if return_lse else (0,), dtype=torch.float32, device=q.device)

@@ -31,6 +31,7 @@ from ._triton import (
     KernelConfig,
     Launch,
     capability,
+    check_in_range,
     check_same_device,
     check_scales,
     check_tensor,
@@ -42,9 +43,9 @@ from ._triton import (
     register_op,
     use_triton,
 )
+from .attention import LOG2E, check_attention_params, expand_descale
 
 Q_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 MIN_ROWS = 16  # tl.dot needs 16 rows: the G query heads are padded up to it
 MAX_SPLITS = 64
 # A split should stream at least this many keys, or the combine costs more than it saves.
@@ -78,7 +79,7 @@ def num_splits_for(batch_heads: int, s_max: int, sms: int) -> int:
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, part_ptr, part_lse_ptr, k_desc_ptr, v_desc_ptr,
-    G, window, softmax_scale, chunk,
+    G, window, softmax_scale, chunk, S_max, stride_lens,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_oh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
     WINDOW: tl.constexpr, FP8_CACHE: tl.constexpr, SPLIT: tl.constexpr, OFFSET_64: tl.constexpr,
@@ -89,7 +90,8 @@ def _decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    L = tl.load(lens_ptr + b)
+    # Clamped so that a bad length (unchecked inside a CUDA graph) cannot read past the cache.
+    L = min(max(tl.load(lens_ptr + b * stride_lens), 0), S_max)
     lo = 0
     if WINDOW:
         lo = max(0, L - window)
@@ -103,7 +105,7 @@ def _decode_kernel(
     d_ok = (d < HEAD_DIM)[None, :]
     q_rows = b.to(tl.int64) * stride_qb + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-    scale = softmax_scale * 1.4426950408889634  # log2(e): exp2 below
+    scale = softmax_scale * LOG2E
     if FP8_CACHE:
         scale = scale * tl.load(k_desc_ptr + b * stride_kdb + kvh * stride_kdh)
 
@@ -196,25 +198,19 @@ def decode_reference(
         k = k_cache[b, lo:L].to(acc_dtype)  # [n, Hk, D]
         v = v_cache[b, lo:L].to(acc_dtype)
         if k_cache.dtype == fp8_ref.E4M3:
-            k = k * _per_head(k_descale, b, Hk).to(acc_dtype)
-            v = v * _per_head(v_descale, b, Hk).to(acc_dtype)
+            k = k * expand_descale(k_descale, b, Hk).to(acc_dtype)[:, None]
+            v = v * expand_descale(v_descale, b, Hk).to(acc_dtype)[:, None]
         k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [n, Hq, D]
         s = torch.einsum("hd,nhd->hn", q[b].to(acc_dtype), k) * scale
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
     return out.to(out_dtype or q.dtype)
 
 
-def _per_head(descale, b, heads):
-    d = descale.float().cpu()
-    return (d.reshape(()).expand(heads) if d.numel() == 1 else d[b])[:, None]
-
-
 # ---------------------------------------------------------------------------------------------
 # launcher
 
 
-def _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_descale, v_descale,
-                values=True):  # fmt: skip
+def _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_descale, v_descale):
     check_tensor("q", q, Q_DTYPES, ndim=3)
     check_tensor("k_cache", k_cache, (q.dtype, fp8_ref.E4M3), ndim=4)
     check_tensor("v_cache", v_cache, (k_cache.dtype,), ndim=4)
@@ -232,8 +228,7 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_des
         )
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"q's {Hq} heads must be a multiple of the cache's {Hk} heads (GQA)")
-    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be a multiple of 16 up to {MAX_HEAD_DIM}; got {D}")
+    check_attention_params(D, window, softmax_scale)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(
@@ -241,25 +236,11 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_des
             )
     if cache_seqlens.shape[0] != B:
         raise ValueError(f"cache_seqlens must be [B] = [{B}]; got {list(cache_seqlens.shape)}")
-    if window is not None and window < 1:
-        raise ValueError(
-            f"window must be >= 1 (the token sees itself and the window - 1 keys before it); "
-            f"got {window}"
-        )
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
     check_scales({"k_descale": k_descale, "v_descale": v_descale}, k_cache.dtype == fp8_ref.E4M3,
                  "an e4m3 cache", (B, Hk), f"[B, Hk] = [{B}, {Hk}]")  # fmt: skip
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                       k_descale=k_descale, v_descale=v_descale)  # fmt: skip
-    if values and cache_seqlens.device.type != "meta" and cache_seqlens.numel():
-        capturing = cache_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-            if lo < 0 or hi > S_max:
-                raise ValueError(
-                    f"cache_seqlens must lie in [0, S_max = {S_max}]; got values in [{lo}, {hi}]"
-                )
+    check_in_range("cache_seqlens", cache_seqlens, 0, S_max + 1, "keys held in the cache")
 
 
 def _launches(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, window, k_descale,
@@ -282,7 +263,7 @@ def _launches(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, window, k_
         launch(
             _decode_kernel, (B, Hk, num_splits),
             q, k_cache, v_cache, cache_seqlens, out, part, part_lse, k_descale, v_descale,
-            G, window if window is not None else 0, scale, chunk,
+            G, window if window is not None else 0, scale, chunk, S_max, cache_seqlens.stride(0),
             q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
             out.stride(0), out.stride(1), *descale_strides(k_descale), *descale_strides(v_descale),
             WINDOW=window is not None, FP8_CACHE=fp8, SPLIT=split, OFFSET_64=offset_64, HEAD_DIM=D,
@@ -334,8 +315,7 @@ def _decode_attention_impl(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=
 
 def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None,
                            window=None, k_descale=None, v_descale=None):  # fmt: skip
-    _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_descale, v_descale,
-                values=False)  # fmt: skip
+    _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_descale, v_descale)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

@@ -27,6 +27,7 @@ from fp8nemo.quant import fp8 as fp8_ref
 from ._triton import (
     INTERPRET,
     Launch,
+    check_in_range,
     check_same_device,
     check_scales,
     check_tensor,
@@ -72,9 +73,14 @@ def _inv_freq(
     if kind == "linear":
         return 1.0 / (base**exponents) / need("factor"), 1.0
     if kind == "dynamic":
-        # HF recomputes the base for the sequence length in use; a table up to max_pos is the
-        # table HF uses for a sequence of max_pos tokens.
-        factor, original = need("factor"), need("original_max_position_embeddings")
+        # HF recomputes the base for the length of the sequence in use and keeps the plain one
+        # up to the model's max_position_embeddings: a table of max_pos rows is HF's table for
+        # a sequence of max_pos tokens. (HF reads the length from the config, not from
+        # rope_scaling: pass it in the dict.)
+        factor = need("factor")
+        original = scaling.get("max_position_embeddings") or need(
+            "original_max_position_embeddings"
+        )
         seq_len = max(max_pos, original)
         base = base * ((factor * seq_len / original) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
         return 1.0 / (base**exponents), 1.0
@@ -133,8 +139,11 @@ def rope_cache(
     """fp32 `[max_pos, rot_dim]` = cat(cos, sin) of `position * inv_freq`.
 
     `scaling` is an HF `rope_scaling` dict (`rope_type` linear, dynamic, yarn or llama3, with
-    that type's keys). Frequencies are HF's, in fp32; angles are taken in fp64 so the table is
-    exact to fp32 rounding at every position (yarn's attention factor multiplies cos and sin).
+    that type's keys; dynamic also needs the model's `max_position_embeddings`). Frequencies
+    are HF's, in fp32; angles are taken in fp64 so the table is exact to fp32 rounding at every
+    position (yarn's attention factor multiplies cos and sin). Dynamic NTK depends on the
+    sequence length, as in HF: this is HF's table for a sequence of `max_pos` tokens, so build
+    it for the current length to follow HF exactly (or for the full context, as vLLM does).
     """
     check_types(rot_dim=(rot_dim, int), max_pos=(max_pos, int), theta=(theta, (int, float)))
     if rot_dim <= 0 or rot_dim % 2:
@@ -183,9 +192,9 @@ def _to_cache(x, scale, FP8: tl.constexpr):
 def _rope_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     k_scale_ptr, v_scale_ptr,
-    T, HQ, HK, D, max_pos, S_max,
+    T, HQ, HK, D, max_pos, S_max, num_slots,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch, stride_scale_h,
+    stride_cb, stride_cs, stride_ch, stride_pos, stride_slot, stride_ks, stride_vs,
     HALF: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr,
     FP8_CACHE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
@@ -195,7 +204,7 @@ def _rope_kernel(
     # so a bad position shows in the output instead of reading past the table.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
-    pos = tl.load(pos_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + offs_t * stride_pos, mask=t_mask, other=0).to(tl.int64)
     pos_ok = (pos >= 0) & (pos < max_pos)
     i = tl.arange(0, BLOCK_HALF)
     cs_ptrs = cos_sin_ptr + tl.where(pos_ok, pos, 0)[:, None] * (2 * HALF) + i[None, :]
@@ -216,8 +225,10 @@ def _rope_kernel(
         _rotate(q_ptr + t * stride_qt + h * stride_qh, d1, d2, pair_mask & (h < HQ), cos, sin)
 
     if WRITE_CACHE:
-        slot = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
-        write = (t_mask & (slot >= 0))[:, None, None]
+        slot = tl.load(slot_ptr + offs_t * stride_slot, mask=t_mask, other=-1).to(tl.int64)
+        # -1 skips a padding token; a slot past the cache is not written either (the host
+        # check reports it when it runs; inside a CUDA graph it cannot)
+        write = (t_mask & (slot >= 0) & (slot < num_slots))[:, None, None]
         slot_row = (slot // S_max) * stride_cb + (slot % S_max) * stride_cs
         rest = 2 * HALF + tl.arange(0, BLOCK_REST)[None, None, :]
         dd = tl.arange(0, BLOCK_D)[None, None, :]
@@ -229,8 +240,8 @@ def _rope_kernel(
             # Rotated pairs from registers, the unrotated tail and all of v from memory.
             dst = slot_row[:, None, None] + h * stride_ch
             if FP8_CACHE:
-                k_s = tl.load(k_scale_ptr + h * stride_scale_h, mask=h < HK, other=1.0)
-                v_s = tl.load(v_scale_ptr + h * stride_scale_h, mask=h < HK, other=1.0)
+                k_s = tl.load(k_scale_ptr + h * stride_ks, mask=h < HK, other=1.0)
+                v_s = tl.load(v_scale_ptr + h * stride_vs, mask=h < HK, other=1.0)
             else:
                 k_s, v_s = 1.0, 1.0
             ty = k_cache_ptr.dtype.element_ty
@@ -251,20 +262,8 @@ def _rope_kernel(
 MAX_BLOCK_H = 32
 
 
-def _check_range(name, idx, low, high, what):
-    """idx within [low, high) unless a CUDA graph is capturing (no host reads then; the kernel
-    turns a bad position into NaN instead of reading past the table)."""
-    if idx.device.type == "meta" or idx.numel() == 0:
-        return
-    if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < low or hi >= high:
-        raise ValueError(f"{name} must lie in [{low}, {high}) ({what}); got values in [{lo}, {hi}]")
-
-
-def _check_rope(q, k, positions, cos_sin_cache, interleaved, values=True):
-    """Validate rope_'s arguments (`values`: also the positions' range, not for fake tensors)."""
+def _check_rope(q, k, positions, cos_sin_cache, interleaved):
+    """Validate rope_'s arguments (positions' values too, where they can be read)."""
     check_tensor("q", q, QK_DTYPES, ndim=3)
     check_tensor("k", k, (q.dtype,), ndim=3)
     check_tensor("positions", positions, POSITION_DTYPES, ndim=1)
@@ -292,11 +291,10 @@ def _check_rope(q, k, positions, cos_sin_cache, interleaved, values=True):
         )
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be bool; got {type(interleaved).__name__}")
-    if values:
-        _check_range("positions", positions, 0, max_pos, "rows of cos_sin_cache")
+    check_in_range("positions", positions, 0, max_pos, "rows of cos_sin_cache")
 
 
-def _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale, values=True):
+def _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
     check_tensor("v", v, (k.dtype,), ndim=3)
     check_tensor("k_cache", k_cache, CACHE_DTYPES, ndim=4)
     check_tensor("v_cache", v_cache, (k_cache.dtype,), ndim=4)
@@ -324,8 +322,7 @@ def _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale, values=T
         raise ValueError(f"slots must be [T] = [{T}]; got {list(slots.shape)}")
     check_scales({"k_scale": k_scale, "v_scale": v_scale}, k_cache.dtype == fp8_ref.E4M3,
                  "an e4m3 cache", (Hk,), f"[Hk] = [{Hk}]")  # fmt: skip
-    if values:
-        _check_range("slots", slots, -1, B * S_max, "b * S_max + s, or -1 to skip")
+    check_in_range("slots", slots, -1, B * S_max, "b * S_max + s, or -1 to skip")
 
 
 def _rope_launches(q, k, positions, cos_sin_cache, interleaved, v=None, k_cache=None, v_cache=None,
@@ -337,15 +334,16 @@ def _rope_launches(q, k, positions, cos_sin_cache, interleaved, v=None, k_cache=
     fp8_cache = write and k_cache.dtype == fp8_ref.E4M3
     B, S_max = (k_cache.shape[0], k_cache.shape[1]) if write else (0, 1)
     cache_strides = k_cache.stride()[:3] if write else (0, 0, 0)
-    scale_stride = 1 if fp8_cache and k_scale.numel() > 1 else 0
+    vector_stride = lambda t: t.stride(0) if t is not None and t.numel() > 1 else 0  # noqa: E731
     return [
         launch(
             _rope_kernel, (triton.cdiv(T, BLOCK_T),),
             q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, k_scale, v_scale,
-            T, HQ, HK, D, max_pos, S_max,
+            T, HQ, HK, D, max_pos, S_max, B * S_max,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0) if write else 0, v.stride(1) if write else 0,
-            *cache_strides, scale_stride,
+            *cache_strides, positions.stride(0), slots.stride(0) if write else 0,
+            vector_stride(k_scale), vector_stride(v_scale),
             HALF=rot_dim // 2, INTERLEAVED=interleaved, WRITE_CACHE=write, FP8_CACHE=fp8_cache,
             BLOCK_T=BLOCK_T, BLOCK_HQ=min(MAX_BLOCK_H, triton.next_power_of_2(HQ)),
             BLOCK_HK=min(MAX_BLOCK_H, triton.next_power_of_2(HK)),
@@ -378,7 +376,7 @@ def _rope_impl(q, k, positions, cos_sin_cache, *, interleaved=False):
 
 
 def _rope_fake(q, k, positions, cos_sin_cache, *, interleaved=False):
-    _check_rope(q, k, positions, cos_sin_cache, interleaved, values=False)
+    _check_rope(q, k, positions, cos_sin_cache, interleaved)
 
 
 def _rope_kv_cache_impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, *,
@@ -392,8 +390,8 @@ def _rope_kv_cache_impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slo
 
 def _rope_kv_cache_fake(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, *,
                         k_scale=None, v_scale=None, interleaved=False):  # fmt: skip
-    _check_rope(q, k, positions, cos_sin_cache, interleaved, values=False)
-    _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale, values=False)
+    _check_rope(q, k, positions, cos_sin_cache, interleaved)
+    _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
 
 register_op(
