@@ -30,7 +30,7 @@ INTERPRET: bool = not isinstance(_probe_kernel, triton.runtime.JITFunction)
 MIN_CAPABILITY = (8, 9)
 
 
-def _fix_interpreter_float_casts() -> None:
+def _fix_interpreter() -> None:
     """Make the interpreter's float conversions and bf16 dots compute what the GPU does.
 
     The interpreter converts between float formats with its own bit manipulation, which
@@ -57,11 +57,9 @@ def _fix_interpreter_float_casts() -> None:
         tl.float8e4nv: torch.float8_e4m3fn,
         tl.float8e5: torch.float8_e5m2,
     }
-    int_of_width = {
-        1: (np.int8, torch.int8),
-        2: (np.int16, torch.int16),
-        4: (np.int32, torch.int32),
-    }
+    # Same-width integer views carry the bits between numpy and torch.
+    np_int = {1: np.int8, 2: np.int16, 4: np.int32}
+    torch_int = {1: torch.int8, 2: torch.int16, 4: torch.int32}
     rtz = interpreter._ir.ROUNDING_MODE.RTZ
 
     def convert(input, input_dtype, output_dtype, rounding_mode):
@@ -69,12 +67,10 @@ def _fix_interpreter_float_casts() -> None:
         if src is None or dst is None or rounding_mode == rtz:
             return original(input, input_dtype, output_dtype, rounding_mode)
         arr = np.ascontiguousarray(input)
-        np_in, torch_in = int_of_width[src.itemsize]
-        x = torch.from_numpy(arr.view(np_in).copy()).view(src).float()
+        x = torch.from_numpy(arr.view(np_int[src.itemsize]).copy()).view(src).float()
         if dst.itemsize == 1:
             x = x.clamp(-torch.finfo(dst).max, torch.finfo(dst).max)  # satfinite; NaN stays NaN
-        np_out, torch_out = int_of_width[dst.itemsize]
-        out = x.to(dst).view(torch_out).numpy()
+        out = x.to(dst).view(torch_int[dst.itemsize]).numpy()
         return out.view(np.dtype(f"uint{8 * dst.itemsize}")).reshape(arr.shape)
 
     convert._fp8nemo = True
@@ -104,7 +100,7 @@ def _fix_interpreter_float_casts() -> None:
 
 
 if INTERPRET:
-    _fix_interpreter_float_casts()
+    _fix_interpreter()
 
 
 @functools.cache
