@@ -22,6 +22,7 @@ import torch
 
 import fp8nemo
 from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo.utils import progress
 
 # NeMo-12B linear layers, (K, N): in features -> out features.
 NEMO_GEMM_SHAPES = {
@@ -471,14 +472,6 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _progress(items, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="case")
-
-
 def run_suite(
     suite: str, device: torch.device | None = None, shapes=None, ms=None, on_rows=None,
     budget_s: float | None = None,
@@ -498,7 +491,7 @@ def run_suite(
     cases = list(cases_fn(env.on_gpu, shapes, ms))
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     rows = []
-    for case in _progress(cases, f"bench {suite}"):
+    for case in progress(cases, f"bench {suite}", "case"):
         if deadline is not None and time.monotonic() >= deadline:
             new = [_not_run(env, suite, case, budget_s)]
         else:

@@ -1,4 +1,5 @@
-"""The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen."""
+"""The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen,
+`quantize` turns a 16-bit checkpoint into an FP8 one."""
 
 from __future__ import annotations
 
@@ -92,6 +93,37 @@ def _inspect(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from fp8nemo.quant.checkpoint import CheckpointError
+    from fp8nemo.quant.convert import quantize_checkpoint
+
+    start = time.perf_counter()
+    try:
+        reports = quantize_checkpoint(
+            args.src, args.dst, scheme=args.scheme, activations=args.activations, calib=args.calib,
+            format=args.format, method=args.method, observer=args.observer,
+            keep=args.keep or ("lm_head", "embed_tokens"), overwrite=args.overwrite,
+        )  # fmt: skip
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    width = max(len(r.name) for r in reports)
+    print(f"{'layer'.ljust(width)}  {'shape':>13}  scheme   QAT grid  SQNR dB")
+    for r in reports:
+        grid = "yes" if r.on_grid else (f"{r.grid_fraction:.0%}" if r.grid_fraction else "no")
+        sqnr = "exact" if r.sqnr_db == float("inf") else f"{r.sqnr_db:.1f}"
+        shape = "x".join(map(str, r.shape))
+        print(f"{r.name.ljust(width)}  {shape:>13}  {r.granularity:<7}  {grid:>8}  {sqnr:>7}")
+    finite = [r.sqnr_db for r in reports if r.sqnr_db != float("inf")]
+    on_grid = sum(r.on_grid for r in reports)
+    print(
+        f"\n{len(reports)} layers quantized ({on_grid} on a QAT grid)"
+        + (f", SQNR min {min(finite):.1f} dB" if finite else "")
+        + f" in {time.perf_counter() - start:.0f}s -> {args.dst} ({args.format})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8nemo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log tuning and setup")
@@ -123,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="also write a markdown table")
     p.add_argument("--plot", action="store_true", help="also plot TFLOP/s (needs matplotlib)")
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("quantize", help="quantize a 16-bit HF checkpoint to FP8")
+    p.add_argument("src", help="16-bit HF checkpoint folder (config.json + safetensors)")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument(
+        "--scheme",
+        default="channel",
+        choices=["tensor", "channel", "block"],
+        help="weight scales: per tensor, per output channel or per 128x128 block",
+    )
+    p.add_argument("--activations", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument(
+        "--calib", help="static activations: input_ids [sequences, length] (.safetensors / .pt)"
+    )
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "fp8"])
+    p.add_argument(
+        "--method", default="absmax", choices=["absmax", "mse"], help="weight scales off a grid"
+    )
+    p.add_argument("--observer", default="absmax", choices=["absmax", "percentile", "mse"])
+    p.add_argument(
+        "--keep",
+        action="append",
+        help="regex of layers kept 16-bit (default: lm_head, embed_tokens)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at dst")
+    p.set_defaults(run=_quantize)
 
     p = sub.add_parser("inspect", help="compile every kernel config ahead of time; report codegen")
     p.add_argument("--arch", default="sm_90", choices=["sm_90", "sm_89"])

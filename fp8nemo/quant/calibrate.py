@@ -1,0 +1,368 @@
+"""FP8 scales from data: weights (absmax, an MSE search over clipping ratios, and exact recovery
+for weights that already lie on an FP8 grid), and static activation / KV-cache scales from
+calibration batches through forward hooks.
+
+Scales are fp32 dequant multipliers, as everywhere in fp8nemo (`quant/fp8.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from fp8nemo.utils import progress
+
+from . import fp8
+
+WEIGHT_METHODS = ("absmax", "mse")
+OBSERVERS = ("absmax", "percentile", "mse")
+# Clipping ratios an MSE search tries, largest first (ties keep the larger scale).
+CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 ... 0.50
+# Elements an activation observer keeps (a strided, deterministic subsample) to measure errors.
+SAMPLE_SIZE = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+@dataclass
+class WeightQuant:
+    """A quantized weight and how it got there."""
+
+    w_fp8: torch.Tensor
+    scale: torch.Tensor
+    granularity: str
+    method: str  # "grid" when the weight already lay on an FP8 grid, else absmax / mse
+    on_grid: bool  # every group was on an FP8 grid: dequantized, it rounds back to w exactly
+    grid_fraction: float  # groups found on a grid
+    sqnr_db: float  # of the dequantized weight (fp32) against w
+    max_abs_err: float
+
+
+def _quant_error(x, scale, granularity):
+    """Per-group squared error of quantizing x with `scale` (dequantized in fp32)."""
+    q, _ = fp8.quantize(x, granularity, scale)
+    err = (fp8.dequantize(q, scale, granularity) - x.float()).pow(2)
+    return group_sum(err, granularity)
+
+
+def group_sum(t, granularity):
+    """Sum of `t` over each scale group, shaped like the scales."""
+    if granularity == "tensor":
+        return t.sum().reshape(1)
+    if granularity in ("channel", "token"):
+        return t.sum(-1, keepdim=True)
+    return fp8._blocked(t, granularity, fp8.BLOCK).flatten(-2).sum(-1)
+
+
+def mse_scale(x: torch.Tensor, granularity: str, ratios=CLIP_RATIOS) -> torch.Tensor:
+    """Per-group scale `r * amax / 448` with the clipping ratio r in `ratios` that minimizes the
+    group's quantization error (the first, i.e. largest, ratio on ties)."""
+    amax = fp8.amax(x, granularity)
+    best_scale = fp8.scale_from_amax(amax)
+    best_err = _quant_error(x, best_scale, granularity)
+    for r in ratios:
+        scale = fp8.scale_from_amax(amax * r)
+        err = _quant_error(x, scale, granularity)
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+def _groups(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """x as [groups, elements]: one row per scale (blocks zero-padded to 128 x 128)."""
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity == "channel":
+        return x
+    return fp8._blocked(x, "block", fp8.BLOCK).flatten(-2).flatten(0, 1)
+
+
+def _ungroup(g: torch.Tensor, granularity: str, shape) -> torch.Tensor:
+    if granularity in ("tensor", "channel"):
+        return g.reshape(shape)
+    n, k = shape
+    nb, kb = math.ceil(n / fp8.BLOCK), math.ceil(k / fp8.BLOCK)
+    blocks = g.reshape(nb, kb, fp8.BLOCK, fp8.BLOCK).transpose(1, 2)
+    return blocks.reshape(nb * fp8.BLOCK, kb * fp8.BLOCK)[:n, :k]
+
+
+# Positive finite e4m3 values, largest first: the code a group's largest element may carry.
+_E4M3_POSITIVE = (
+    torch.arange(1, 127, dtype=torch.int32).to(torch.uint8).view(fp8.E4M3).float().flip(0)
+)
+
+
+def _fit_scale(g: torch.Tensor, codes: torch.Tensor):
+    """Per row, an fp32 scale s with `(codes * s).to(g.dtype) == g` exactly, if one exists:
+    each element allows s within the interval of reals that round to it (half an ulp each
+    way); the rows whose intervals meet keep the midpoint, verified. Returns (s, ok).
+    For 16-bit weights fp32 holds the midpoints exactly and rounds the bounds far below their
+    width (fp32 weights need fp64); the verification has the last word."""
+    work = torch.float32 if g.element_size() <= 2 else torch.float64
+    x, c = g.to(work), codes.to(work)
+    up = torch.nextafter(g, torch.full_like(g, math.inf)).to(work)
+    down = torch.nextafter(g, torch.full_like(g, -math.inf)).to(work)
+    nonzero = c != 0
+    safe_c = torch.where(nonzero, c, 1.0)
+    a, b = (x + down) / 2 / safe_c, (x + up) / 2 / safe_c
+    lo = torch.where(nonzero, torch.minimum(a, b), -math.inf).amax(1)
+    hi = torch.where(nonzero, torch.maximum(a, b), math.inf).amin(1)
+    s = ((lo + hi) / 2).float()
+    s = torch.where(torch.isfinite(s) & (s > 0), s, 1.0)
+    exact = ((codes.float() * s[:, None]).to(g.dtype) == g).all(1)
+    return s, (lo <= hi) & exact
+
+
+def _few_magnitudes(g: torch.Tensor, sample: int = 512) -> torch.Tensor:
+    """Per row: whether its first `sample` elements hold no more distinct magnitudes than e4m3
+    has values (a necessary condition for a grid, cheap to test)."""
+    mags = g[:, :sample].abs().sort(1).values
+    distinct = 1 + (mags[:, 1:] != mags[:, :-1]).sum(1)
+    return distinct <= _E4M3_POSITIVE.numel() + 1
+
+
+def grid_scale(w: torch.Tensor, granularity: str):
+    """Recover the FP8 grid a weight lies on, as quantisation-aware training leaves it: per scale
+    group, the fp32 scale s and e4m3 codes with `(codes * s).to(w.dtype) == w` exactly.
+
+    Returns (codes, scale, on_grid) with on_grid per group. The group's largest element carries
+    the largest code c (448 after QAT with amax scales; any code for other grids), so the codes
+    are read off `w / (amax / c)`: a 16-bit checkpoint moves the true scale by far less than
+    e4m3's spacing. Groups with more distinct magnitudes than e4m3 has values are off any grid
+    and are not searched further.
+    """
+    g = _groups(w, granularity)
+    amax = g.abs().amax(1).float()
+    scale = torch.zeros(g.shape[0])
+    codes = torch.zeros(g.shape, dtype=fp8.E4M3)
+    on = torch.zeros(g.shape[0], dtype=torch.bool)
+    todo = amax > 0
+    for i, c in enumerate(_E4M3_POSITIVE.tolist()):
+        rows = todo.nonzero().flatten()
+        if rows.numel() == 0:
+            break
+        s0 = amax[rows] / c
+        cand = fp8.saturating_cast(g[rows].float() / s0[:, None])
+        s, ok = _fit_scale(g[rows], cand)
+        hit = rows[ok]
+        scale[hit], codes[hit], on[hit] = s[ok], cand[ok], True
+        todo[hit] = False
+        if i == 0:  # after the QAT case, search only groups that could lie on a grid
+            todo &= _few_magnitudes(g)
+    zero_rows = amax == 0  # an all-zero group is on every grid: codes 0, any scale
+    scale[zero_rows], on[zero_rows] = fp8.scale_from_amax(amax[zero_rows]), True
+    shape = fp8.scale_shape(w.shape, granularity)
+    return _ungroup(codes, granularity, w.shape), scale.reshape(shape), on.reshape(shape)
+
+
+def calibrate_weight(
+    w: torch.Tensor, granularity: str = "channel", method: str = "absmax"
+) -> WeightQuant:
+    """Quantize a 2-D weight `[N, K]` per tensor, output channel or 128x128 block.
+
+    Groups already on an FP8 grid keep their exact scale (the conversion reproduces the
+    checkpoint's 16-bit values); the others get `method`'s scale: absmax, or the MSE-optimal
+    clipping ratio.
+    """
+    if granularity not in fp8.WEIGHT_GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {fp8.WEIGHT_GRANULARITIES}; got {granularity!r}"
+        )
+    if method not in WEIGHT_METHODS:
+        raise ValueError(f"method must be one of {WEIGHT_METHODS}; got {method!r}")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D float tensor [N, K]; got {getattr(w, 'shape', type(w))}")
+    codes, grid, on_grid = grid_scale(w, granularity)
+    if method == "mse":
+        scale = mse_scale(w, granularity)
+    else:
+        scale = fp8.scale_from_amax(fp8.amax(w, granularity))
+    scale = torch.where(on_grid, grid, scale)
+    w_fp8, _ = fp8.quantize(w, granularity, scale)
+    on_elems = fp8.expand_scale(on_grid, w.shape, granularity).bool()
+    w_fp8 = torch.where(on_elems, codes, w_fp8)
+    # The conversion's error as the FP8 GEMM sees it: codes times scales in fp32. (On a grid
+    # that is w's own 16-bit rounding: the dequantized weight rounds back to w exactly.)
+    deq = fp8.dequantize(w_fp8, scale, granularity).double()
+    ref = w.double()
+    noise = (deq - ref).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return WeightQuant(
+        w_fp8=w_fp8,
+        scale=scale,
+        granularity=granularity,
+        method="grid" if bool(on_grid.all()) else method,
+        on_grid=bool(on_grid.all()),
+        grid_fraction=float(on_grid.double().mean()),
+        sqnr_db=sqnr,
+        max_abs_err=float((deq - ref).abs().max()) if w.numel() else 0.0,
+    )
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "channel", method: str = "absmax"):
+    """`(w_fp8, scale)` for a weight `[N, K]`: see `calibrate_weight`."""
+    q = calibrate_weight(w, granularity, method)
+    return q.w_fp8, q.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# activations and the KV cache
+
+
+def _clip_error(sample: torch.Tensor, scale: torch.Tensor) -> float:
+    """Mean squared error of quantizing `sample` with a per-tensor `scale` (saturating)."""
+    return float(_quant_error(sample, scale, "tensor")) / sample.numel()
+
+
+class Observer:
+    """What one activation stream looked like over the calibration batches.
+
+    Every observer keeps the running absmax and a deterministic strided subsample of |x| (at
+    most SAMPLE_SIZE values). `scale()` gives absmax / 448 for "absmax"; "percentile" clips at
+    the largest per-batch percentile and "mse" at the clipping ratio that minimizes the sample's
+    quantization error, each only where that lowers the error measured on the sample.
+    """
+
+    def __init__(
+        self, kind: str = "absmax", percentile: float = 99.99, sample_size: int = SAMPLE_SIZE
+    ):
+        if kind not in OBSERVERS:
+            raise ValueError(f"observer must be one of {OBSERVERS}; got {kind!r}")
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100]; got {percentile}")
+        self.kind, self.percentile, self.sample_size = kind, percentile, sample_size
+        self.amax = torch.zeros(())
+        self.clip = torch.zeros(())  # the largest per-batch percentile of |x|
+        self.samples: list[torch.Tensor] = []
+        self.batches = 0
+
+    def update(self, x: torch.Tensor, name: str = "activation") -> None:
+        a = x.detach().float().abs().flatten().cpu()
+        if a.numel() == 0:
+            return
+        if torch.isnan(a).any():
+            raise ValueError(f"calibration saw NaN in {name}")
+        self.amax = torch.maximum(self.amax, a.max())
+        self.batches += 1
+        if self.kind == "absmax":
+            return
+        if self.kind == "percentile":
+            k = max(1, math.ceil(self.percentile / 100 * a.numel()))
+            self.clip = torch.maximum(self.clip, a.kthvalue(k).values)
+        step = max(1, math.ceil(a.numel() / max(1, self.sample_size // 8)))
+        self.samples.append(a[::step].clone())
+        if sum(s.numel() for s in self.samples) > self.sample_size:
+            self.samples = [torch.cat(self.samples)[::2]]
+
+    def scale(self) -> torch.Tensor:
+        """fp32 `[1]` dequant scale."""
+        if self.batches == 0:
+            raise ValueError("the observer saw no data: run calibration batches first")
+        full = fp8.scale_from_amax(self.amax).reshape(1)
+        if self.kind == "absmax":
+            return full
+        sample = torch.cat(self.samples)
+        best, best_err = full, _clip_error(sample, full)
+        if self.kind == "percentile":
+            candidates = [fp8.scale_from_amax(self.clip).reshape(1)]
+        else:
+            candidates = [fp8.scale_from_amax(self.amax * r).reshape(1) for r in CLIP_RATIOS[1:]]
+        for scale in candidates:
+            err = _clip_error(sample, scale)
+            if err < best_err:
+                best, best_err = scale, err
+        return best
+
+
+@dataclass
+class Calibrator:
+    """Static FP8 scales for a model's linear inputs and its KV cache, from calibration batches.
+
+    Forward pre-hooks observe every `nn.Linear`'s input (names filtered by `linear_filter`),
+    forward hooks the outputs of each attention module's `k_proj` and `v_proj` (the K and V
+    the cache will hold; as AutoFP8 and llm-compressor observe them, before RoPE, which can
+    grow an element by up to sqrt(2)):
+
+        calib = Calibrator(model, observer="mse")
+        calib.run(batches)
+        calib.input_scales()  # {"model.layers.0.self_attn.q_proj": tensor([s]), ...}
+        calib.kv_scales()     # {"model.layers.0.self_attn": {"k_scale": ..., "v_scale": ...}}
+    """
+
+    model: torch.nn.Module
+    observer: str = "absmax"
+    percentile: float = 99.99
+    linear_filter: Callable[[str, torch.nn.Module], bool] | None = None
+    kv: bool = True
+    inputs: dict[str, Observer] = field(init=False, default_factory=dict)
+    keys: dict[str, Observer] = field(init=False, default_factory=dict)
+    values: dict[str, Observer] = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer must be one of {OBSERVERS}; got {self.observer!r}")
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(self.model).__name__}")
+        new = lambda: Observer(self.observer, self.percentile)  # noqa: E731
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and (
+                self.linear_filter is None or self.linear_filter(name, module)
+            ):
+                self.inputs[name] = new()
+            if self.kv and hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+                self.keys[name], self.values[name] = new(), new()
+        if not self.inputs and not self.keys:
+            raise ValueError(
+                "the model has no nn.Linear or attention module (k_proj/v_proj) to observe"
+            )
+
+    def _hooks(self):
+        handles = []
+        modules = dict(self.model.named_modules())
+        for name, obs in self.inputs.items():
+            hook = lambda mod, args, obs=obs, name=name: obs.update(args[0], name)  # noqa: E731
+            handles.append(modules[name].register_forward_pre_hook(hook))
+        for name in self.keys:
+            for proj, obs in (("k_proj", self.keys[name]), ("v_proj", self.values[name])):
+                hook = lambda mod, args, out, obs=obs, n=f"{name}.{proj}": obs.update(out, n)  # noqa: E731
+                handles.append(getattr(modules[name], proj).register_forward_hook(hook))
+        return handles
+
+    def run(self, batches: Iterable, forward: Callable | None = None) -> Calibrator:
+        """Run `forward(model, batch)` (default: `model(**batch)` for a dict, else
+        `model(batch)`) over `batches` with the hooks on, in eval mode without gradients."""
+        handles = self._hooks()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in progress(batches, "calibrate", "batch"):
+                    if forward is not None:
+                        forward(self.model, batch)
+                    elif isinstance(batch, dict):
+                        self.model(**batch)
+                    else:
+                        self.model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        return self
+
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """{linear module name: fp32 [1] static input scale}."""
+        return {name: obs.scale() for name, obs in self.inputs.items()}
+
+    def kv_scales(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{attention module name: {"k_scale": fp32 [1], "v_scale": fp32 [1]}}."""
+        return {
+            name: {"k_scale": self.keys[name].scale(), "v_scale": self.values[name].scale()}
+            for name in self.keys
+        }

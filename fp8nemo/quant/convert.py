@@ -1,0 +1,180 @@
+"""Quantize a 16-bit HF checkpoint into an FP8 one: every linear weight but the kept ones gets
+per-tensor, per-channel or 128x128-block scales (exact for weights already on an FP8 grid), and
+static activation and KV-cache scales come from calibration batches. Streams tensor by tensor,
+so a model larger than memory converts too."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fp8nemo.utils import progress as show_progress
+
+from . import fp8
+from .calibrate import WEIGHT_METHODS, Calibrator, calibrate_weight
+from .checkpoint import (
+    WRITE_FORMATS,
+    CheckpointError,
+    CheckpointWriter,
+    QuantizedLinear,
+    TensorSource,
+    detect_format,
+    format_tensors,
+    kv_tensors,
+    quantization_config,
+    read_config,
+)
+
+# Layers kept in 16 bits by default: the output head and the embeddings.
+DEFAULT_KEEP = ("lm_head", "embed_tokens")
+CALIB_BATCH = 4  # sequences per calibration forward
+
+
+@dataclass
+class LayerReport:
+    """What quantizing one linear weight did."""
+
+    name: str
+    shape: tuple[int, ...]
+    granularity: str
+    method: str  # "grid" when the weight already lay on an FP8 grid
+    on_grid: bool
+    grid_fraction: float
+    sqnr_db: float
+    max_abs_err: float
+
+
+def _is_kept(name: str, keep: Iterable[str]) -> bool:
+    return any(re.search(pattern, name) for pattern in keep)
+
+
+def linear_weights(src: TensorSource, keep: Iterable[str] = DEFAULT_KEEP) -> list[str]:
+    """The 2-D `*.weight` tensors of a 16-bit checkpoint to quantize, kept layers excepted."""
+    out = []
+    for name in src:
+        if not name.endswith(".weight") or _is_kept(name, keep):
+            continue
+        if src.dtype_name(name) in ("BF16", "F16", "F32") and len(src.shape(name)) == 2:
+            out.append(name)
+    return out
+
+
+def load_calibration(path: str) -> torch.Tensor:
+    """Token ids `[sequences, length]` (int) from a .safetensors file ("input_ids") or a file
+    torch.load reads (a tensor or a dict with "input_ids")."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"calibration file {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        data = load_file(path)
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    ids = data.get("input_ids") if isinstance(data, dict) else data
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise CheckpointError(
+            f"{path} must hold integer input_ids [sequences, length]; got {type(ids).__name__}"
+        )
+    return ids.long()
+
+
+def calibrate_checkpoint(
+    src: str, input_ids: torch.Tensor, modules: set[str], observer: str = "absmax"
+):
+    """Static input scales of `modules` and KV-cache scales, from running the checkpoint on
+    `input_ids`. The model runs through HF transformers until fp8nemo's own model lands."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise CheckpointError(
+            "static activations need calibration runs of the model, which need HF transformers "
+            "(pip install transformers) until fp8nemo's model wrapper exists"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype="auto")
+    calib = Calibrator(model, observer, linear_filter=lambda name, _: name in modules)
+    batches = [input_ids[i : i + CALIB_BATCH] for i in range(0, input_ids.shape[0], CALIB_BATCH)]
+    calib.run(batches)
+    return calib.input_scales(), calib.kv_scales()
+
+
+def quantize_checkpoint(
+    src: str,
+    dst: str,
+    *,
+    scheme: str = "channel",
+    activations: str = "dynamic",
+    calib: str | None = None,
+    format: str = "compressed-tensors",
+    method: str = "absmax",
+    observer: str = "absmax",
+    keep: Iterable[str] = DEFAULT_KEEP,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Quantize the 16-bit checkpoint folder `src` into `dst` (see the module docstring);
+    returns one report per quantized layer. Everything is checked before anything is
+    written, and `dst` appears only when complete."""
+    if scheme not in fp8.WEIGHT_GRANULARITIES:
+        raise CheckpointError(f"scheme must be one of {fp8.WEIGHT_GRANULARITIES}; got {scheme!r}")
+    if activations not in ("dynamic", "static"):
+        raise CheckpointError(f"activations must be dynamic or static; got {activations!r}")
+    if method not in WEIGHT_METHODS:
+        raise CheckpointError(f"method must be one of {WEIGHT_METHODS}; got {method!r}")
+    if format not in WRITE_FORMATS:
+        raise CheckpointError(f"format must be one of {WRITE_FORMATS}; got {format!r}")
+    static = activations == "static"
+    if static and calib is None:
+        raise CheckpointError(
+            "static activations need calibration data: pass calib (a file of input_ids)"
+        )
+    if not static and calib is not None:
+        raise CheckpointError("calibration data applies to static activations only")
+    config = read_config(src)
+    fmt, _ = detect_format(src, config)
+    if fmt != "unquantized":
+        raise CheckpointError(f"{src} is already quantized ({fmt}); quantize a 16-bit checkpoint")
+    keep = tuple(keep)
+    source = TensorSource(src)
+    weights = linear_weights(source, keep)
+    if not weights:
+        raise CheckpointError(f"{src} has no 16-bit linear weights to quantize")
+    kept = sorted(n[: -len(".weight")] for n in source if n.endswith(".weight")
+                  and _is_kept(n, keep) and "embed" not in n)  # fmt: skip
+    # Fails here, before any work, on a combination the format cannot express.
+    quantization_config(format, scheme, activations, kept, static)
+
+    input_scales, kv_scales = {}, {}
+    if static:
+        modules = {n[: -len(".weight")] for n in weights}
+        input_scales, kv_scales = calibrate_checkpoint(
+            src, load_calibration(calib), modules, observer
+        )
+
+    reports = []
+    names = source.keys()
+    with CheckpointWriter(dst, overwrite=overwrite, source=src) as out:
+        for name in show_progress(names, "quantize", "tensor", progress):
+            tensor = source[name]
+            if name not in weights:
+                out.add(name, tensor)
+                continue
+            module = name[: -len(".weight")]
+            q = calibrate_weight(tensor, scheme, method)
+            layer = QuantizedLinear(q.w_fp8, q.scale, scheme, input_scales.get(module))
+            for item in format_tensors(format, module, layer):
+                out.add(*item)
+            reports.append(LayerReport(module, tuple(tensor.shape), scheme, q.method, q.on_grid,
+                                       q.grid_fraction, q.sqnr_db, q.max_abs_err))  # fmt: skip
+        for attention, scales in kv_scales.items():
+            for item in kv_tensors(format, attention, scales):
+                out.add(*item)
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+        config["quantization_config"] = quantization_config(
+            format, scheme, activations, kept, bool(kv_scales)
+        )
+        out.finish(config)
+    return reports

@@ -1,0 +1,288 @@
+"""Scale calibration: weights (absmax, MSE, exact recovery of FP8 grids), activation and KV
+observers with their hooks, and QAT fake-quant."""
+
+import pytest
+import torch
+from helpers import randn
+
+from fp8nemo.quant import fp8
+from fp8nemo.quant.calibrate import (
+    Calibrator,
+    Observer,
+    calibrate_weight,
+    group_sum,
+    mse_scale,
+    quantize_weight,
+)
+from fp8nemo.quant.qat import QATLinear, convert_qat, fake_quant_fp8, prepare_qat
+
+E4M3 = torch.float8_e4m3fn
+CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3)
+FINITE = CODES[~CODES.float().isnan()]
+
+
+def on_grid(shape, granularity, dtype, gen, codes=FINITE):
+    """Random e4m3 codes times a random scale per group, rounded to `dtype` (as a QAT
+    checkpoint stores them)."""
+    c = codes[torch.randint(0, len(codes), shape, generator=gen)]
+    scale = torch.rand(fp8.scale_shape(shape, granularity), generator=gen) * 0.01 + 1e-4
+    return fp8.dequantize(c, scale, granularity).to(dtype)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(300, 260), (16, 16), (129, 1000)])
+def test_weights_on_an_fp8_grid_convert_exactly(granularity, dtype, shape, gen):
+    w = on_grid(shape, granularity, dtype, gen)
+    q = calibrate_weight(w, granularity)
+    assert q.on_grid and q.method == "grid" and q.grid_fraction == 1.0
+    assert torch.equal(fp8.dequantize(q.w_fp8, q.scale, granularity).to(dtype), w)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_grid_of_small_codes_only(granularity, gen):
+    """A grid whose largest code is not 448 (here at most 3.0) is found too."""
+    small = FINITE[FINITE.float().abs() <= 3.0]
+    w = on_grid((200, 256), granularity, torch.bfloat16, gen, small)
+    q = calibrate_weight(w, granularity)
+    assert q.on_grid and torch.equal(fp8.dequantize(q.w_fp8, q.scale, granularity).bfloat16(), w)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gaussian_weights_are_not_called_qat(granularity, dtype, gen):
+    w = randn(256, 384, gen=gen, dtype=dtype, scale=0.02)
+    q = calibrate_weight(w, granularity)
+    assert not q.on_grid and q.grid_fraction == 0.0 and q.method == "absmax"
+    want, want_scale = fp8.quantize(w, granularity)
+    assert torch.equal(q.w_fp8.view(torch.uint8), want.view(torch.uint8)) and torch.equal(
+        q.scale, want_scale
+    )
+    assert q.sqnr_db > 30  # e4m3 on Gaussian data: about 31.6 dB
+
+
+def test_partly_on_a_grid_per_channel(gen):
+    w = randn(64, 256, gen=gen, dtype=torch.bfloat16, scale=0.02)
+    w[::2] = on_grid((32, 256), "channel", torch.bfloat16, gen)
+    q = calibrate_weight(w, "channel")
+    assert not q.on_grid and q.grid_fraction == 0.5
+    deq = fp8.dequantize(q.w_fp8, q.scale, "channel").bfloat16()
+    assert torch.equal(deq[::2], w[::2])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_mse_clips_exactly_where_it_lowers_the_error(granularity, gen):
+    """Per group, the MSE search picks a scale below absmax / 448 only if that group's error
+    drops. Rows 0-127 lie on the grid of a scale 10% below their absmax / 448 (clipping wins),
+    the rest are Gaussian (it does not)."""
+    small = FINITE[(FINITE.float().abs() >= 1) & (FINITE.float().abs() <= 416)]
+    w = randn(256, 256, gen=gen, scale=0.02)
+    w[:128] = small[torch.randint(0, len(small), (128, 256), generator=gen)].float() * 1e-4
+    w[:128, 0] = 448e-4 / 0.9
+    absmax = fp8.scale_from_amax(fp8.amax(w, granularity))
+    chosen = mse_scale(w, granularity)
+
+    def group_err(scale):
+        q, _ = fp8.quantize(w, granularity, scale)
+        err = (fp8.dequantize(q, scale, granularity) - w).pow(2)
+        return group_sum(err, granularity)
+
+    clipped = chosen < absmax
+    assert (chosen <= absmax).all()
+    assert (group_err(chosen)[clipped] < group_err(absmax)[clipped]).all()
+    if granularity != "tensor":
+        assert clipped.any() and not clipped.all()
+    q_mse, q_abs = calibrate_weight(w, granularity, "mse"), calibrate_weight(w, granularity)
+    assert q_mse.sqnr_db >= q_abs.sqnr_db
+
+
+def test_quantize_weight_returns_codes_and_scales(gen):
+    w = randn(48, 64, gen=gen, dtype=torch.bfloat16)
+    w_fp8, scale = quantize_weight(w, "channel")
+    assert w_fp8.dtype == E4M3 and w_fp8.shape == w.shape and scale.shape == (48, 1)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        quantize_weight(w, "token")
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_weight(w, "channel", "max")
+    with pytest.raises(ValueError, match="2-D float tensor"):
+        quantize_weight(w[0], "channel")
+
+
+# ---- activations and the KV cache ------------------------------------------------------------
+
+
+def test_absmax_observer_is_amax_over_batches(gen):
+    obs = Observer("absmax")
+    xs = [randn(8, 32, gen=gen) for _ in range(3)]
+    for x in xs:
+        obs.update(x)
+    amax = torch.stack([x.abs().max() for x in xs]).max()
+    assert torch.equal(obs.scale(), fp8.scale_from_amax(amax).reshape(1))
+
+
+@pytest.mark.parametrize("kind", ["percentile", "mse"])
+def test_clipping_observers_clip_only_when_it_lowers_the_error(kind, gen):
+    # e4m3's relative precision does not depend on the scale, so clipping pays only when it
+    # moves many values onto better codes: here the bulk lies on the grid of a scale 10% below
+    # absmax / 448, and one outlier sets the absmax.
+    small = FINITE[(FINITE.float().abs() >= 1) & (FINITE.float().abs() <= 416)]
+    s_small = 0.009
+    x = small[torch.randint(0, len(small), (64, 1024), generator=gen)].float() * s_small
+    x[0, 0] = 448 * s_small / 0.9
+    obs = Observer(kind, percentile=99.9)
+    obs.update(x)
+    absmax = fp8.scale_from_amax(x.abs().max()).reshape(1)
+    chosen = obs.scale()
+
+    def mse(scale):
+        q, _ = fp8.quantize(x, "tensor", scale)
+        return (fp8.dequantize(q, scale, "tensor") - x).pow(2).mean()
+
+    assert chosen < absmax and mse(chosen) < mse(absmax)
+    # Gaussian data with an outlier: clipping the outlier costs more than it gains, so no clip.
+    x = randn(64, 1024, gen=gen)
+    x[5, 5] = 40.0
+    obs = Observer(kind, percentile=99.0)
+    obs.update(x)
+    assert torch.equal(obs.scale(), fp8.scale_from_amax(x.abs().max()).reshape(1))
+    # Values of one magnitude: absmax is exact, any clip saturates.
+    flat = torch.ones(64, 64) * torch.where(randn(64, 64, gen=gen) > 0, 1.0, -1.0)
+    obs = Observer(kind, percentile=50.0)
+    obs.update(flat)
+    assert torch.equal(obs.scale(), fp8.scale_from_amax(torch.tensor(1.0)).reshape(1))
+
+
+def test_observer_errors():
+    with pytest.raises(ValueError, match="observer must be one of"):
+        Observer("max")
+    with pytest.raises(ValueError, match="saw no data"):
+        Observer().scale()
+    with pytest.raises(ValueError, match="NaN in layer"):
+        Observer().update(torch.tensor([1.0, float("nan")]), "layer")
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (
+            torch.nn.Linear(16, 8, bias=False) for _ in range(3)
+        )
+        self.o_proj = torch.nn.Linear(8, 16, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+        self.mlp = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.mlp(x + self.attn(x))
+
+
+@pytest.mark.parametrize("observer", ["absmax", "percentile", "mse"])
+def test_calibrator_hooks_linears_and_kv_and_is_deterministic(observer, gen):
+    torch.manual_seed(0)
+    model = TinyModel()
+    batches = [randn(2, 5, 16, gen=gen) for _ in range(4)]
+    scales = []
+    for _ in range(2):
+        calib = Calibrator(model, observer).run(batches)
+        scales.append((calib.input_scales(), calib.kv_scales()))
+    inputs, kv = scales[0]
+    assert set(inputs) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp"}
+    assert set(kv) == {"attn"}
+    for name in inputs:
+        assert torch.equal(inputs[name], scales[1][0][name])  # same data, same scales
+    assert torch.equal(kv["attn"]["k_scale"], scales[1][1]["attn"]["k_scale"])
+    if observer == "absmax":
+        x_amax = torch.stack([b.abs().max() for b in batches]).max()
+        assert torch.equal(inputs["attn.q_proj"], fp8.scale_from_amax(x_amax).reshape(1))
+        with torch.no_grad():
+            k_amax = torch.stack([model.attn.k_proj(b).abs().max() for b in batches]).max()
+        assert torch.equal(kv["attn"]["k_scale"], fp8.scale_from_amax(k_amax).reshape(1))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # hooks gone
+
+
+def test_calibrator_filter_and_errors(gen):
+    model = TinyModel()
+    calib = Calibrator(model, linear_filter=lambda name, _: name.startswith("attn."), kv=False)
+    calib.run([randn(1, 3, 16, gen=gen)])
+    assert set(calib.input_scales()) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"}
+    assert calib.kv_scales() == {}
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        Calibrator(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="observer must be one of"):
+        Calibrator(model, "max")
+
+
+# ---- QAT -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fake_quant_is_quantize_then_dequantize(granularity, dtype, gen):
+    x = randn(7, 33, gen=gen, dtype=dtype, scale=3.0)
+    g = "token" if granularity == "row" else "tensor"
+    q, s = fp8.quantize(x, g)
+    out = fake_quant_fp8(x, granularity)
+    assert out.dtype == dtype and torch.equal(out, fp8.dequantize(q, s, g).to(dtype))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_gradient_is_identity_inside_the_range(granularity, gen):
+    x = randn(5, 40, gen=gen).requires_grad_()
+    g = randn(5, 40, gen=gen)
+    fake_quant_fp8(x, granularity).backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_gradient_stops_where_a_static_scale_saturates(gen):
+    x = randn(4, 50, gen=gen, scale=3.0).requires_grad_()
+    scale = torch.tensor([0.004])  # range +-1.792: some values saturate
+    g = randn(4, 50, gen=gen)
+    fake_quant_fp8(x, "tensor", scale).backward(g)
+    inside = (
+        x.detach() / 0.004
+    ).abs() <= 464  # up to 464 the cast rounds to 448, beyond it saturates
+    assert 0 < inside.sum() < inside.numel()
+    assert torch.equal(x.grad, torch.where(inside, g, 0.0))
+
+
+def test_prepare_train_convert(gen):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    keys = set(model.state_dict())
+    prepare_qat(model, input_granularity="row")
+    assert all(isinstance(model[i], QATLinear) for i in (0, 2)) and set(model.state_dict()) == keys
+    x = randn(16, 32, gen=gen)
+    want = torch.nn.functional.linear(
+        fake_quant_fp8(x, "row"), fake_quant_fp8(model[0].weight, "row"), model[0].bias
+    )
+    assert torch.equal(model[0](x), want)
+    before = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before)
+    fake = {i: fake_quant_fp8(model[i].weight.detach(), "row") for i in (0, 2)}
+    converted = convert_qat(model)
+    assert set(converted) == {"0", "2"}
+    for i in (0, 2):
+        w_fp8, scale = converted[str(i)]
+        assert w_fp8.dtype == E4M3 and scale.shape == (model[i].out_features, 1)
+        assert torch.equal(fp8.dequantize(w_fp8, scale, "channel"), fake[i])  # what QAT trained
+        assert type(model[i]) is torch.nn.Linear
+
+
+def test_qat_errors():
+    with pytest.raises(ValueError, match="found no nn.Linear"):
+        prepare_qat(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="found no layer prepared"):
+        convert_qat(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        prepare_qat(torch.nn.Linear(2, 2), weight_granularity="block")
