@@ -12,7 +12,8 @@ setup(
     packages=find_packages(include=["fp8nemo", "fp8nemo.*"]),
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        # compressed-tensors: the format's reference loader, to check what we write
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "compressed-tensors"],
         "bench": ["tqdm", "matplotlib"],
         "dev": ["ruff"],
     },

@@ -351,3 +351,26 @@ def test_quantize_command(tmp_path, gen):
         [*cmd, "--overwrite"], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+def test_compressed_tensors_output_loads_in_transformers(scheme, tmp_path, gen):
+    """The reference loader of the format (transformers with compressed-tensors) reads what we
+    write: the same FP8 codes, and our fp32 scales (it keeps them in the model dtype)."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme=scheme, progress=False)
+    ours = read_checkpoint(str(tmp_path / "dst"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "dst"), dtype=torch.bfloat16
+    )
+    state = model.state_dict()
+    for name, q in ours.linears.items():
+        assert torch.equal(state[f"{name}.weight"].view(torch.uint8), q.weight.view(torch.uint8)), (
+            name
+        )
+        theirs = state[f"{name}.weight_scale"]
+        assert torch.equal(theirs.reshape(q.weight_scale.shape), q.weight_scale.to(theirs.dtype)), (
+            name
+        )
