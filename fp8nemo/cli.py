@@ -94,17 +94,16 @@ def _inspect(args) -> int:
 
 
 def _quantize(args) -> int:
-    from fp8nemo.quant.checkpoint import CheckpointError
-    from fp8nemo.quant.convert import quantize_checkpoint
+    from fp8nemo.quant.convert import DEFAULT_KEEP, quantize_checkpoint
 
     start = time.perf_counter()
     try:
         reports = quantize_checkpoint(
             args.src, args.dst, scheme=args.scheme, activations=args.activations, calib=args.calib,
             format=args.format, method=args.method, observer=args.observer,
-            keep=args.keep or ("lm_head", "embed_tokens"), overwrite=args.overwrite,
+            keep=args.keep or DEFAULT_KEEP, overwrite=args.overwrite,
         )  # fmt: skip
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError, or calibration data the model can't take
         print(f"error: {err}", file=sys.stderr)
         return 2
     width = max(len(r.name) for r in reports)
@@ -177,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep",
         action="append",
-        help="regex of layers kept 16-bit (default: lm_head, embed_tokens)",
+        help="regex of linear layers kept 16-bit (default: lm_head; embeddings always are)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at dst")
     p.set_defaults(run=_quantize)

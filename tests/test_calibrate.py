@@ -208,6 +208,34 @@ def test_calibrator_hooks_linears_and_kv_and_is_deterministic(observer, gen):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # hooks gone
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kv_scales_are_those_of_the_cache_after_rope(dtype, gen):
+    """k_scale covers K as the cache holds it (after RoPE), not k_proj's output."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=50, rope_theta=10000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, 50, (2, 200), generator=gen)
+    kv = Calibrator(model).run([{"input_ids": ids}]).kv_scales()
+    k_proj_out = []
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda mod, args, out: k_proj_out.append(out)
+    )
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    hook.remove()
+    for i, layer in enumerate(cache.layers):
+        scales = kv[f"model.layers.{i}.self_attn"]
+        k_amax, v_amax = layer.keys.abs().max().float(), layer.values.abs().max().float()
+        assert torch.equal(scales["k_scale"], fp8.scale_from_amax(k_amax).reshape(1))
+        assert torch.equal(scales["v_scale"], fp8.scale_from_amax(v_amax).reshape(1))
+    pre_rope = fp8.scale_from_amax(k_proj_out[0].abs().max().float()).reshape(1)
+    assert not torch.equal(kv["model.layers.0.self_attn"]["k_scale"], pre_rope)
+
+
 def test_calibrator_filter_and_errors(gen):
     model = TinyModel()
     calib = Calibrator(model, linear_filter=lambda name, _: name.startswith("attn."), kv=False)
@@ -218,6 +246,8 @@ def test_calibrator_filter_and_errors(gen):
         Calibrator(torch.nn.ReLU())
     with pytest.raises(ValueError, match="observer must be one of"):
         Calibrator(model, "max")
+    with pytest.raises(ValueError, match="never reached attn.q_proj"):
+        Calibrator(model).input_scales()
 
 
 # ---- QAT -------------------------------------------------------------------------------------

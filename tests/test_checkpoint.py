@@ -251,8 +251,9 @@ def test_not_a_checkpoint(tmp_path):
 def test_quantize_checkpoint_reads_back(fmt, scheme, tmp_path, gen):
     tensors = bf16_tensors(gen)
     src = write(tmp_path / "src", hf_config(), tensors)
-    with open(src / "tokenizer.json", "w") as f:
-        f.write("{}")
+    for name in ("tokenizer.json", "tekken.json", "vocab.json", "README.md", "params.json"):
+        with open(src / name, "w") as f:
+            f.write("{}")
     reports = quantize_checkpoint(
         str(src), str(tmp_path / "dst"), scheme=scheme, format=fmt, progress=False
     )
@@ -266,7 +267,9 @@ def test_quantize_checkpoint_reads_back(fmt, scheme, tmp_path, gen):
     for name in linear_names():
         w = tensors[f"{name}.weight"].float()
         assert (deq[f"{name}.weight"] - w).norm() / w.norm() < 0.05
-    assert os.path.exists(tmp_path / "dst" / "tokenizer.json")  # carried along
+    carried = {"tokenizer.json", "tekken.json", "vocab.json", "README.md"}
+    assert carried <= set(os.listdir(tmp_path / "dst"))
+    assert not os.path.exists(tmp_path / "dst" / "params.json")  # describes the source weights
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
 
@@ -306,6 +309,8 @@ QUANTIZE_BAD = [
     (dict(scheme="block", activations="static", calib="x"), "block-scaled weights take dynamic"),
     (dict(scheme="row"), "scheme must be one of"),
     (dict(format="gguf"), "format must be one of"),
+    (dict(keep=["lm_head", r"layers\.1\..*q_proj"]), "one fused GEMM in vLLM"),
+    (dict(keep=["lm_head", "up_proj"]), "one fused GEMM in vLLM"),
 ]
 
 
@@ -317,6 +322,34 @@ def test_quantize_bad_arguments_write_nothing(kwargs, match, tmp_path, gen):
         torch.save(torch.zeros(2, 4, dtype=torch.long), kwargs["calib"])
     with pytest.raises(CheckpointError, match=match):
         quantize_checkpoint(str(src), str(tmp_path / "dst"), progress=False, **kwargs)
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_quantize_keeps_embeddings_and_warns_where_vllm_would_not_load(tmp_path, gen):
+    tensors = bf16_tensors(gen)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors[
+        "model.layers.0.self_attn.k_proj.weight"
+    ][:64]  # 64 rows: half a 128-block
+    src = write(tmp_path / "src", hf_config(), tensors)
+    with pytest.warns(UserWarning, match="lm_head is quantized"):
+        reports = quantize_checkpoint(str(src), str(tmp_path / "a"), keep=(), progress=False)
+    assert "lm_head" in {r.name for r in reports}
+    back = read_checkpoint(str(tmp_path / "a"))
+    assert back.tensors["model.embed_tokens.weight"].dtype == torch.bfloat16  # never quantized
+    with pytest.warns(UserWarning, match="k_proj: output size not a multiple of 128"):
+        quantize_checkpoint(str(src), str(tmp_path / "b"), scheme="block", progress=False)
+
+
+def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen, monkeypatch):
+    from fp8nemo.quant import convert
+
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 96, (2, 8), generator=gen)}, calib)
+    monkeypatch.setattr(convert, "calibrate_checkpoint", lambda *args: ({}, {}))
+    with pytest.raises(CheckpointError, match="no static input scale"):
+        quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor",
+                            activations="static", calib=str(calib), progress=False)  # fmt: skip
     assert not os.path.exists(tmp_path / "dst")
 
 

@@ -286,9 +286,9 @@ class Calibrator:
     """Static FP8 scales for a model's linear inputs and its KV cache, from calibration batches.
 
     Forward pre-hooks observe every `nn.Linear`'s input (names filtered by `linear_filter`),
-    forward hooks the outputs of each attention module's `k_proj` and `v_proj` (the K and V
-    the cache will hold; as AutoFP8 and llm-compressor observe them, before RoPE, which can
-    grow an element by up to sqrt(2)):
+    forward hooks the outputs of each attention module's `k_proj` and `v_proj`: K and V as the
+    cache holds them, so K after RoPE (which can grow an element by up to sqrt(2)) when the
+    attention module is called with HF's `position_embeddings=(cos, sin)`:
 
         calib = Calibrator(model, observer="mse")
         calib.run(batches)
@@ -330,10 +330,27 @@ class Calibrator:
             hook = lambda mod, args, obs=obs, name=name: obs.update(args[0], name)  # noqa: E731
             handles.append(modules[name].register_forward_pre_hook(hook))
         for name in self.keys:
-            for proj, obs in (("k_proj", self.keys[name]), ("v_proj", self.values[name])):
-                hook = lambda mod, args, out, obs=obs, n=f"{name}.{proj}": obs.update(out, n)  # noqa: E731
-                handles.append(getattr(modules[name], proj).register_forward_hook(hook))
+            handles += self._kv_hooks(name, modules[name])
         return handles
+
+    def _kv_hooks(self, name: str, attn: torch.nn.Module) -> list:
+        call = {}  # this forward's (cos, sin), when the module is called with them
+        head_dim = getattr(attn, "head_dim", None)
+
+        def remember(mod, args, kwargs):
+            call["rope"] = _rope_of(args, kwargs)
+
+        def observe_k(mod, args, out):
+            self.keys[name].update(_rotate(out, call.get("rope"), head_dim), f"{name}.k_proj")
+
+        def observe_v(mod, args, out):
+            self.values[name].update(out, f"{name}.v_proj")
+
+        return [
+            attn.register_forward_pre_hook(remember, with_kwargs=True),
+            attn.k_proj.register_forward_hook(observe_k),
+            attn.v_proj.register_forward_hook(observe_v),
+        ]
 
     def run(self, batches: Iterable, forward: Callable | None = None) -> Calibrator:
         """Run `forward(model, batch)` (default: `model(**batch)` for a dict, else
@@ -358,11 +375,42 @@ class Calibrator:
 
     def input_scales(self) -> dict[str, torch.Tensor]:
         """{linear module name: fp32 [1] static input scale}."""
-        return {name: obs.scale() for name, obs in self.inputs.items()}
+        return {name: _scale(obs, name) for name, obs in self.inputs.items()}
 
     def kv_scales(self) -> dict[str, dict[str, torch.Tensor]]:
         """{attention module name: {"k_scale": fp32 [1], "v_scale": fp32 [1]}}."""
         return {
-            name: {"k_scale": self.keys[name].scale(), "v_scale": self.values[name].scale()}
+            name: {
+                "k_scale": _scale(self.keys[name], f"{name}.k_proj"),
+                "v_scale": _scale(self.values[name], f"{name}.v_proj"),
+            }
             for name in self.keys
         }
+
+
+def _scale(obs: Observer, name: str) -> torch.Tensor:
+    if obs.batches == 0:
+        raise ValueError(f"calibration never reached {name}: no scale for it")
+    return obs.scale()
+
+
+def _rope_of(args: tuple, kwargs: dict):
+    """The (cos, sin) an HF attention module is called with, or None."""
+    rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    ok = isinstance(rope, tuple) and len(rope) == 2 and all(torch.is_tensor(t) for t in rope)
+    return rope if ok else None
+
+
+def _rotate(k: torch.Tensor, rope, head_dim: int | None) -> torch.Tensor:
+    """k_proj's output `[B, S, Hk*D]` rotated as HF applies RoPE (rotate-half on the first
+    cos.shape[-1] dims of each head, in k's dtype), so it is the K the cache holds."""
+    if rope is None:
+        return k
+    cos, sin = rope
+    rot = cos.shape[-1]
+    d = head_dim or rot
+    k = k.unflatten(-1, (-1, d))  # [B, S, Hk, D]
+    cos, sin = cos.unsqueeze(-2).to(k.dtype), sin.unsqueeze(-2).to(k.dtype)
+    x, rest = k[..., :rot], k[..., rot:]
+    half = torch.cat((-x[..., rot // 2 :], x[..., : rot // 2]), dim=-1)
+    return torch.cat(((x * cos) + (half * sin), rest), dim=-1)

@@ -26,9 +26,11 @@ WRITE_FORMATS = ("compressed-tensors", "fp8")
 HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SHARD_BYTES = 4 << 30
-# Non-weight files a model folder carries along (tokenizer, generation settings).
-AUX_FILE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.model|chat_template.*)$"
+# Source files a written checkpoint does not carry over: the weights it replaces, their
+# index, the config it rewrites, and Mistral's native config (it describes the native weights).
+NOT_CARRIED = re.compile(
+    r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\.msgpack|\.index\.json)$"
+    r"|^(config\.json|params\.json|hf_quant_config\.json)$"
 )
 
 
@@ -537,8 +539,9 @@ class CheckpointWriter:
         self._shard, self._shard_size = {}, 0
 
     def finish(self, config: dict) -> str:
-        """Write the last shard, the index and config.json, copy the source's tokenizer and
-        generation files, and move the folder into place; returns its path."""
+        """Write the last shard, the index and config.json, copy the source's other files
+        (tokenizer, generation config, model card), and move the folder into place; returns its
+        path."""
         if self._shard or not self._files:
             self._flush()
         n = len(self._files)
@@ -558,7 +561,7 @@ class CheckpointWriter:
             json.dump(config, f, indent=2)
         if self.source is not None:
             for name in sorted(os.listdir(self.source)):
-                if AUX_FILE.match(name) and os.path.isfile(os.path.join(self.source, name)):
+                if not NOT_CARRIED.search(name) and os.path.isfile(os.path.join(self.source, name)):
                     shutil.copy2(os.path.join(self.source, name), os.path.join(self.tmp, name))
         if os.path.exists(self.dst):
             old = f"{self.dst}.old-{os.getpid()}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,8 +30,12 @@ from .checkpoint import (
     read_config,
 )
 
-# Layers kept in 16 bits by default: the output head and the embeddings.
-DEFAULT_KEEP = ("lm_head", "embed_tokens")
+# Layers kept in 16 bits by default (embeddings are lookups, never quantized). vLLM keeps
+# lm_head in 16 bits whatever the checkpoint says.
+DEFAULT_KEEP = ("lm_head",)
+# Layers vLLM fuses into one GEMM: all quantized or all kept, and block-scaled only when each
+# one's output size is a multiple of 128.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALIB_BATCH = 4  # sequences per calibration forward
 
 
@@ -52,15 +57,45 @@ def _is_kept(name: str, keep: Iterable[str]) -> bool:
     return any(re.search(pattern, name) for pattern in keep)
 
 
-def linear_weights(src: TensorSource, keep: Iterable[str] = DEFAULT_KEEP) -> list[str]:
-    """The 2-D `*.weight` tensors of a 16-bit checkpoint to quantize, kept layers excepted."""
-    out = []
+def linear_weights(src: TensorSource, keep: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The linear layers of a 16-bit checkpoint (modules with a 2-D float `weight`, embeddings
+    excepted): (those to quantize, those `keep` keeps in 16 bits)."""
+    quantize, kept = [], []
     for name in src:
-        if not name.endswith(".weight") or _is_kept(name, keep):
+        if not name.endswith(".weight") or "embed" in name or len(src.shape(name)) != 2:
             continue
-        if src.dtype_name(name) in ("BF16", "F16", "F32") and len(src.shape(name)) == 2:
-            out.append(name)
-    return out
+        if src.dtype_name(name) in ("BF16", "F16", "F32"):
+            (kept if _is_kept(name, keep) else quantize).append(name[: -len(".weight")])
+    return quantize, kept
+
+
+def check_layers(quantized: list[str], kept: list[str], shapes: dict, scheme: str) -> None:
+    """Refuse what vLLM would refuse to load; warn where it would not use what we write."""
+    quantized, linears = set(quantized), set(quantized) | set(kept)
+    for module in sorted(linears):
+        prefix, _, last = module.rpartition(".")
+        group = next((g for g in FUSED if g[0] == last), ())
+        members = [f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in linears]
+        if quantized.isdisjoint(members):
+            continue
+        if not quantized.issuperset(members):
+            raise CheckpointError(
+                f"{', '.join(members)} are one fused GEMM in vLLM: quantize all of them or "
+                "keep all of them (--keep)"
+            )
+        odd = [m for m in members if shapes[m][0] % fp8.BLOCK]
+        if scheme == "block" and odd:
+            warnings.warn(
+                f"{', '.join(odd)}: output size not a multiple of {fp8.BLOCK}; vLLM loads "
+                "block-scaled fused layers only in whole blocks",
+                stacklevel=3,
+            )
+    if any(m == "lm_head" or m.endswith(".lm_head") for m in quantized):
+        warnings.warn(
+            "lm_head is quantized: transformers reads it, but vLLM keeps lm_head in 16 bits "
+            "and will not load this checkpoint",
+            stacklevel=3,
+        )
 
 
 def load_calibration(path: str) -> torch.Tensor:
@@ -137,22 +172,26 @@ def quantize_checkpoint(
     fmt, _ = detect_format(src, config)
     if fmt != "unquantized":
         raise CheckpointError(f"{src} is already quantized ({fmt}); quantize a 16-bit checkpoint")
-    keep = tuple(keep)
     source = TensorSource(src)
-    weights = linear_weights(source, keep)
-    if not weights:
+    modules, kept = linear_weights(source, tuple(keep))
+    if not modules:
         raise CheckpointError(f"{src} has no 16-bit linear weights to quantize")
-    kept = sorted(n[: -len(".weight")] for n in source if n.endswith(".weight")
-                  and _is_kept(n, keep) and "embed" not in n)  # fmt: skip
-    # Fails here, before any work, on a combination the format cannot express.
+    # Fails here, before any work, on a combination the format or vLLM cannot take.
     quantization_config(format, scheme, activations, kept, static)
+    check_layers(modules, kept, {m: source.shape(f"{m}.weight") for m in modules}, scheme)
+    weights = {f"{m}.weight": m for m in modules}
 
     input_scales, kv_scales = {}, {}
     if static:
-        modules = {n[: -len(".weight")] for n in weights}
         input_scales, kv_scales = calibrate_checkpoint(
-            src, load_calibration(calib), modules, observer
+            src, load_calibration(calib), set(modules), observer
         )
+        missing = sorted(set(modules) - input_scales.keys())
+        if missing:
+            raise CheckpointError(
+                f"calibration found no nn.Linear for {', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''}: no static input scale for them"
+            )
 
     reports = []
     names = source.keys()
@@ -162,7 +201,7 @@ def quantize_checkpoint(
             if name not in weights:
                 out.add(name, tensor)
                 continue
-            module = name[: -len(".weight")]
+            module = weights[name]
             q = calibrate_weight(tensor, scheme, method)
             layer = QuantizedLinear(q.w_fp8, q.scale, scheme, input_scales.get(module))
             for item in format_tensors(format, module, layer):
