@@ -12,8 +12,16 @@ setup(
     packages=find_packages(include=["fp8nemo", "fp8nemo.*"]),
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
-        # compressed-tensors: the format's reference loader, to check what we write
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "compressed-tensors"],
+        # compressed-tensors, and accelerate for transformers' FineGrainedFP8: the formats'
+        # reference loaders, to check what we write
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "transformers",
+            "compressed-tensors",
+            "accelerate",
+        ],
         "bench": ["tqdm", "matplotlib"],
         "dev": ["ruff"],
     },

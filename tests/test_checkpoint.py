@@ -407,3 +407,20 @@ def test_compressed_tensors_output_loads_in_transformers(scheme, tmp_path, gen):
         assert torch.equal(theirs.reshape(q.weight_scale.shape), q.weight_scale.to(theirs.dtype)), (
             name
         )
+
+
+def test_fp8_block_output_loads_in_transformers(tmp_path, gen):
+    """transformers' FineGrainedFP8 loader (which dequantizes to bf16 without a GPU) reads our
+    `fp8` block checkpoint to our dequantized weights, rounded to bf16."""
+    pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="block", format="fp8",
+                        progress=False)  # fmt: skip
+    ours = read_checkpoint(str(tmp_path / "dst")).dequantize()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "dst"), dtype=torch.bfloat16
+    )
+    state = model.state_dict()
+    for name in linear_names():
+        assert torch.equal(state[f"{name}.weight"], ours[f"{name}.weight"].bfloat16()), name
