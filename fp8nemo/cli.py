@@ -101,7 +101,8 @@ def _quantize(args) -> int:
         reports = quantize_checkpoint(
             args.src, args.dst, scheme=args.scheme, activations=args.activations, calib=args.calib,
             format=args.format, method=args.method, observer=args.observer,
-            keep=args.keep or DEFAULT_KEEP, overwrite=args.overwrite,
+            keep=(*DEFAULT_KEEP, *(args.keep or ())), overwrite=args.overwrite,
+            device=args.device,
         )  # fmt: skip
     except ValueError as err:  # CheckpointError, or calibration data the model can't take
         print(f"error: {err}", file=sys.stderr)
@@ -176,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep",
         action="append",
-        help="regex of linear layers kept 16-bit (default: lm_head; embeddings always are)",
+        help="regex of more linear layers to keep 16-bit (lm_head and embeddings always are)",
     )
+    p.add_argument("--device", help="static calibration runs here (default: cuda if present)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at dst")
     p.set_defaults(run=_quantize)
 

@@ -65,10 +65,8 @@ def test_unquantized_checkpoint(tmp_path, gen):
     assert all(torch.equal(got[n], t.float()) for n, t in tensors.items())
 
 
-def test_sharded_checkpoint_reads_through_its_index(tmp_path, gen):
-    tensors = bf16_tensors(gen)
+def sharded(path, tensors):
     names = sorted(tensors)
-    path = tmp_path / "sharded"
     os.makedirs(path)
     with open(path / "config.json", "w") as f:
         json.dump(hf_config(), f)
@@ -81,8 +79,38 @@ def test_sharded_checkpoint_reads_through_its_index(tmp_path, gen):
     weight_map = {n: file for file, part in halves.items() for n in part}
     with open(path / "model.safetensors.index.json", "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    got = read_checkpoint(str(path)).dequantize()
+    return weight_map
+
+
+def test_sharded_checkpoint_reads_through_its_index(tmp_path, gen):
+    tensors = bf16_tensors(gen)
+    sharded(tmp_path / "sharded", tensors)
+    got = read_checkpoint(str(tmp_path / "sharded")).dequantize()
     assert all(torch.equal(got[n], t.float()) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("edit", ["listed in the wrong shard", "not listed"])
+def test_an_index_that_disagrees_with_its_shards(edit, tmp_path, gen):
+    path = tmp_path / "sharded"
+    weight_map = sharded(path, bf16_tensors(gen))
+    name = "model.embed_tokens.weight"
+    if edit == "not listed":
+        del weight_map[name]
+        match = f"holds {name}, which .* does not list"
+    else:
+        weight_map[name] = next(f for f in set(weight_map.values()) if f != weight_map[name])
+        match = f"lists {name} in .*, which does not hold it"
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(str(path))
+
+
+def test_unreadable_json_is_a_clear_error(tmp_path, gen):
+    write(tmp_path / "ckpt", hf_config(), bf16_tensors(gen))
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "mistral",')
+    with pytest.raises(CheckpointError, match="config.json is not readable JSON"):
+        read_checkpoint(str(tmp_path / "ckpt"))
 
 
 def quantized(gen, granularity, static, kv=True):
@@ -170,9 +198,50 @@ def test_destination_rules(tmp_path, gen):
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         write_checkpoint(dst, ckpt)
     write_checkpoint(dst, ckpt, overwrite=True)
-    with pytest.raises(CheckpointError, match="is the source checkpoint"):
-        write_checkpoint(dst, ckpt, overwrite=True, source=dst)
-    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folders left behind
+    for source in (dst, str(tmp_path), os.path.join(dst, "inner")):  # is, holds, lies inside
+        with pytest.raises(CheckpointError, match="is, holds or lies inside the source"):
+            write_checkpoint(dst, ckpt, overwrite=True, source=source)
+    os.makedirs(tmp_path / "notes")
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    for overwrite in (False, True):  # a folder that is not a checkpoint is never replaced
+        with pytest.raises(CheckpointError, match=r"holds other files \(todo.txt"):
+            write_checkpoint(str(tmp_path / "notes"), ckpt, overwrite=overwrite)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    os.makedirs(tmp_path / "empty")
+    write_checkpoint(str(tmp_path / "empty"), ckpt)  # an empty folder is fine
+    assert sorted(os.listdir(tmp_path)) == ["empty", "notes", "out"]  # no temporary folders left
+
+
+def test_an_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, gen, monkeypatch):
+    ckpt = quantized(gen, "tensor", False)
+    dst = str(tmp_path / "out")
+    write_checkpoint(dst, ckpt)
+    before = sorted(os.listdir(dst))
+    real_replace = os.replace
+
+    def replace(a, b):  # the move of the new folder into place fails
+        if ".tmp-" in str(a):
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(dst, ckpt, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(dst)) == before
+
+
+def test_a_killed_writer_is_cleaned_up(tmp_path, gen):
+    """A writer killed mid-way leaves <dst>.tmp-<pid> (and, mid-overwrite, <dst>.old-<pid>):
+    the next writer of dst removes them, and puts an old checkpoint back if dst is gone."""
+    ckpt = quantized(gen, "tensor", False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    write_checkpoint(str(tmp_path / f"out.old-{dead}"), ckpt)
+    os.makedirs(tmp_path / f"out.tmp-{dead}")
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        write_checkpoint(str(tmp_path / "out"), ckpt)  # the old checkpoint came back
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, gen, monkeypatch):
@@ -213,6 +282,11 @@ BAD_CHECKPOINTS = [
     ("ct-channel-dynamic", dict(add={f"{L0}.mlp.up_proj.weight_scale": torch.ones(384, 2)}), r"must have shape \[384, 1\]"),
     ("finegrained", dict(add={f"{L0}.mlp.down_proj.weight_scale_inv": torch.ones(2, 2)}), r"must have shape \[2, 3\]"),
     ("autofp8-dynamic", dict(config={"quant_method": "awq"}), "unknown quant_method 'awq'"),
+    ("autofp8-static", dict(add={f"{L0}.mlp.up_proj.input_scale": torch.tensor(0.0)}), "up_proj.input_scale must be finite and positive; holds 0.0"),
+    ("autofp8-static", dict(add={f"{L0}.mlp.up_proj.weight_scale": torch.tensor(float("nan"))}), "up_proj.weight_scale must be finite and positive; holds nan"),
+    ("ct-channel-dynamic", dict(add={f"{L0}.mlp.up_proj.weight_scale": -torch.ones(384, 1)}), "must be finite and positive; holds -1.0"),
+    ("autofp8-static", dict(add={f"{L0}.self_attn.k_scale": torch.tensor(float("inf"))}), "self_attn.k_scale must be finite and positive; holds inf"),
+    ("autofp8-dynamic", dict(add={f"{L0}.mlp.up_proj.weight": torch.zeros(384, 256, dtype=torch.float8_e5m2)}), "up_proj.weight is FP8 e5m2"),
     ("autofp8-dynamic", dict(config={"activation_scheme": "sometimes"}), "activation_scheme must be static or dynamic"),
     ("ct-channel-dynamic", dict(config={"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "tensor_group"}, "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}), "weight strategy 'tensor_group' is not supported"),
     ("ct-block-dynamic", dict(config={"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [64, 64]}, "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "dynamic": True}}}}), "block_structure must be"),
@@ -309,6 +383,8 @@ QUANTIZE_BAD = [
     (dict(scheme="block", activations="static", calib="x"), "block-scaled weights take dynamic"),
     (dict(scheme="row"), "scheme must be one of"),
     (dict(format="gguf"), "format must be one of"),
+    (dict(keep=["lm_head", "layers.(0"]), "keep pattern 'layers.\\(0' is not a regex"),
+    (dict(activations="static", calib="garbage"), "calibration file .* cannot be read"),
     (dict(keep=["lm_head", r"layers\.1\..*q_proj"]), "one fused GEMM in vLLM"),
     (dict(keep=["lm_head", "up_proj"]), "one fused GEMM in vLLM"),
 ]
@@ -320,6 +396,9 @@ def test_quantize_bad_arguments_write_nothing(kwargs, match, tmp_path, gen):
     if kwargs.get("calib") == "x":
         kwargs["calib"] = str(tmp_path / "calib.pt")
         torch.save(torch.zeros(2, 4, dtype=torch.long), kwargs["calib"])
+    if kwargs.get("calib") == "garbage":
+        kwargs["calib"] = str(tmp_path / "calib.pt")
+        (tmp_path / "calib.pt").write_bytes(b"not a pickle")
     with pytest.raises(CheckpointError, match=match):
         quantize_checkpoint(str(src), str(tmp_path / "dst"), progress=False, **kwargs)
     assert not os.path.exists(tmp_path / "dst")
@@ -338,6 +417,21 @@ def test_quantize_keeps_embeddings_and_warns_where_vllm_would_not_load(tmp_path,
     assert back.tensors["model.embed_tokens.weight"].dtype == torch.bfloat16  # never quantized
     with pytest.warns(UserWarning, match="k_proj: output size not a multiple of 128"):
         quantize_checkpoint(str(src), str(tmp_path / "b"), scheme="block", progress=False)
+
+
+def test_quantize_static_with_a_kept_attention_reads_back(tmp_path, gen):
+    """KV-cache scales belong to the attention, quantized projections or not."""
+    pytest.importorskip("transformers")
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 96, (2, 16), generator=gen)}, calib)
+    quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor", activations="static",
+                        calib=str(calib), keep=["lm_head", r"layers\.0\.self_attn"],
+                        progress=False)  # fmt: skip
+    back = read_checkpoint(str(tmp_path / "dst"))
+    assert back.kv_scales.keys() == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert "model.layers.0.self_attn.q_proj" not in back.linears
+    assert back.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
 def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen, monkeypatch):

@@ -21,10 +21,8 @@ import torch
 
 from . import fp8
 
-FORMATS = ("fp8", "fine-grained-fp8", "compressed-tensors", "modelopt", "unquantized")
 WRITE_FORMATS = ("compressed-tensors", "fp8")
 HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SHARD_BYTES = 4 << 30
 # Source files a written checkpoint does not carry over: the weights it replaces, their
 # index, the config it rewrites, and Mistral's native config (it describes the native weights).
@@ -90,6 +88,17 @@ class Checkpoint:
 # reading
 
 
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object; got {type(data).__name__}")
+    return data
+
+
 class TensorSource:
     """The tensors of a (sharded) safetensors checkpoint folder, loaded on demand."""
 
@@ -98,9 +107,9 @@ class TensorSource:
 
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
+        weight_map = None
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no weight_map")
             files = sorted(set(weight_map.values()))
@@ -125,6 +134,15 @@ class TensorSource:
                         f"tensor {key} appears in both {self._where[key]} and {file}"
                     )
                 self._where[key] = file
+        if weight_map is not None:  # the index and the shards must agree, tensor by tensor
+            for key, name in sorted(weight_map.items()):
+                if self._where.get(key) != os.path.join(path, name):
+                    raise CheckpointError(f"{index} lists {key} in {name}, which does not hold it")
+            extra = sorted(self._where.keys() - weight_map.keys())
+            if extra:
+                raise CheckpointError(
+                    f"{self._where[extra[0]]} holds {extra[0]}, which {index} does not list"
+                )
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -157,8 +175,7 @@ def read_config(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path} has no config.json")
-    with open(file) as f:
-        return json.load(f)
+    return _read_json(file)
 
 
 def detect_format(path: str, config: dict) -> tuple[str, dict]:
@@ -166,8 +183,7 @@ def detect_format(path: str, config: dict) -> tuple[str, dict]:
     qc = config.get("quantization_config")
     modelopt_file = os.path.join(path, HF_QUANT_CONFIG)
     if qc is None and os.path.exists(modelopt_file):
-        with open(modelopt_file) as f:
-            qc = {"quant_method": "modelopt", **json.load(f).get("quantization", {})}
+        qc = {"quant_method": "modelopt", **(_read_json(modelopt_file).get("quantization") or {})}
     if qc is None:
         return "unquantized", {}
     method = qc.get("quant_method")
@@ -259,6 +275,9 @@ def read_checkpoint(path: str) -> Checkpoint:
     names = set(src.keys())
     ckpt = Checkpoint(config=config, format=fmt)
     fp8_weights = sorted(n for n in names if n.endswith(".weight") and _is_fp8(src, n))
+    e5m2 = [n for n in fp8_weights if src.dtype_name(n) == "F8_E5M2"]
+    if e5m2:
+        raise CheckpointError(f"{e5m2[0]} is FP8 e5m2; fp8nemo's FP8 weights are e4m3")
     if fmt == "unquantized":
         if fp8_weights:
             raise CheckpointError(
@@ -296,29 +315,32 @@ def read_checkpoint(path: str) -> Checkpoint:
             f"{module}.weight_scale_inv" if fmt == "fine-grained-fp8" else f"{module}.weight_scale"
         )
         scale = _required(src, scale_name, wname)
-        _check_scale_shape(scale_name, scale, weight.shape, granularity)
+        _check_scale(scale_name, scale, weight.shape, granularity)
         input_scale = None
         if ckpt.activation_scheme == "static":
             in_name = f"{module}.input_scale"
             if in_name not in names and fmt == "fp8" and f"{module}.act_scale" in names:
                 in_name = f"{module}.act_scale"  # early AutoFP8 / vLLM
             input_scale = _required(src, in_name, wname)
-            _check_scale_shape(in_name, input_scale, None, "tensor")
+            _check_scale(in_name, input_scale)
             used.add(in_name)
             input_scale = input_scale.float().reshape(1)
         used |= {wname, scale_name}
         ckpt.linears[module] = QuantizedLinear(weight, scale.float(), granularity, input_scale)
 
-    attention = sorted(
-        {m.rsplit(".", 1)[0] for m in ckpt.linears if m.endswith((".k_proj", ".v_proj"))}
-    )
-    for attn in attention:
-        for k_pat, v_pat in _KV_NAMES["fp8" if fmt == "fine-grained-fp8" else fmt]:
+    # Attention modules with KV-cache scales, whether or not their projections are quantized.
+    kv_names = _KV_NAMES["fp8" if fmt == "fine-grained-fp8" else fmt]
+    attention = set()
+    for k_pat, _ in kv_names:
+        head, tail = k_pat.split("{A}")
+        attention |= {n[len(head) : -len(tail)] for n in names if n.endswith(tail)}
+    for attn in sorted(attention):
+        for k_pat, v_pat in kv_names:
             k_name, v_name = k_pat.format(A=attn), v_pat.format(A=attn)
             if k_name in names and v_name in names:
                 k, v = src[k_name], src[v_name]
                 for n, t in ((k_name, k), (v_name, v)):
-                    _check_scale_shape(n, t, None, "tensor")
+                    _check_scale(n, t)
                 ckpt.kv_scales[attn] = {
                     "k_scale": k.float().reshape(1),
                     "v_scale": v.float().reshape(1),
@@ -365,9 +387,18 @@ def _required(src: TensorSource, name: str, owner: str) -> torch.Tensor:
     return src[name]
 
 
-def _check_scale_shape(name, scale, weight_shape, granularity):
+def _check_scale(name, scale, weight_shape=None, granularity="tensor"):
+    """A scale's dtype, shape and values: finite, and positive (a weight scale may be 0 where
+    its whole group is)."""
     if not scale.is_floating_point() or scale.dtype in (fp8.E4M3, torch.float8_e5m2):
         raise CheckpointError(f"{name} must be a float scale; got dtype {scale.dtype}")
+    values = scale.float()
+    low = (values < 0) if name.endswith(("weight_scale", "weight_scale_inv")) else (values <= 0)
+    bad = ~torch.isfinite(values) | low
+    if bad.any():
+        raise CheckpointError(
+            f"{name} must be finite and positive; holds {values[bad].flatten()[0].item()}"
+        )
     if granularity == "tensor":
         ok = scale.numel() == 1 and scale.dim() <= 1
         want = "[] or [1]"
@@ -456,6 +487,14 @@ def quantization_config(fmt: str, granularity: str, activation_scheme: str, igno
 
 def format_tensors(fmt: str, module: str, q: QuantizedLinear) -> list[tuple[str, torch.Tensor]]:
     """The tensors one quantized linear takes in `fmt`, under their names."""
+    if q.weight.dtype != fp8.E4M3 or q.weight.dim() != 2:
+        raise CheckpointError(
+            f"{module}.weight must be a 2-D e4m3 tensor; got {q.weight.dtype} "
+            f"{list(q.weight.shape)}"
+        )
+    _check_scale(f"{module}.weight_scale", q.weight_scale, q.weight.shape, q.granularity)
+    if q.input_scale is not None:
+        _check_scale(f"{module}.input_scale", q.input_scale)
     if fmt == "fp8" and q.granularity == "block":
         out = [
             (f"{module}.weight", q.weight),
@@ -483,12 +522,16 @@ def kv_tensors(
     fmt: str, attention: str, scales: dict[str, torch.Tensor]
 ) -> list[tuple[str, torch.Tensor]]:
     shape = () if fmt == "fp8" else (1,)
+    for k in ("k_scale", "v_scale"):
+        _check_scale(f"{attention}.{k}", scales[k])
     return [(f"{attention}.{k}", scales[k].float().reshape(shape)) for k in ("k_scale", "v_scale")]
 
 
 class CheckpointWriter:
     """Writes a checkpoint folder atomically: shards go to `<dst>.tmp-<pid>`, which replaces
     `dst` only when `finish` has written everything; on an error the temporary folder goes.
+    `dst` must be new, empty, or (with `overwrite`) a checkpoint folder, and neither inside
+    the source folder nor holding it.
 
         with CheckpointWriter(dst, source=src) as out:
             out.add(name, tensor) ...
@@ -498,17 +541,27 @@ class CheckpointWriter:
     def __init__(self, dst: str, *, overwrite: bool = False, source: str | None = None,
                  shard_bytes: int = SHARD_BYTES):  # fmt: skip
         dst = os.path.abspath(dst)
-        if source is not None and os.path.realpath(dst) == os.path.realpath(source):
-            raise CheckpointError(
-                f"the destination {dst} is the source checkpoint; write elsewhere"
-            )
+        if source is not None:
+            real_dst, real_src = os.path.realpath(dst), os.path.realpath(source)
+            if os.path.commonpath([real_dst, real_src]) in (real_dst, real_src):
+                raise CheckpointError(
+                    f"the destination {dst} is, holds or lies inside the source checkpoint "
+                    f"{source}; write elsewhere"
+                )
+        _recover_stale(dst)
         if os.path.exists(dst):
             if not os.path.isdir(dst):
                 raise CheckpointError(f"the destination {dst} exists and is not a folder")
-            holds = [f for f in os.listdir(dst) if f == "config.json" or f.endswith(".safetensors")]
-            if holds and not overwrite:
+            files = sorted(os.listdir(dst))
+            is_checkpoint = "config.json" in files or any(f.endswith(".safetensors") for f in files)
+            if is_checkpoint and not overwrite:
                 raise CheckpointError(
-                    f"the destination {dst} already holds a checkpoint ({holds[0]}); pass overwrite"
+                    f"the destination {dst} already holds a checkpoint; pass overwrite"
+                )
+            if files and not is_checkpoint:
+                raise CheckpointError(
+                    f"the destination {dst} holds other files ({files[0]}, ...); overwrite "
+                    "replaces only a checkpoint folder"
                 )
         self.dst, self.source, self.shard_bytes = dst, source, shard_bytes
         self.tmp = f"{dst}.tmp-{os.getpid()}"
@@ -563,14 +616,18 @@ class CheckpointWriter:
             for name in sorted(os.listdir(self.source)):
                 if not NOT_CARRIED.search(name) and os.path.isfile(os.path.join(self.source, name)):
                     shutil.copy2(os.path.join(self.source, name), os.path.join(self.tmp, name))
-        if os.path.exists(self.dst):
-            old = f"{self.dst}.old-{os.getpid()}"
-            os.replace(self.dst, old)
+        old = f"{self.dst}.old-{os.getpid()}" if os.path.exists(self.dst) else None
+        try:
+            if old:
+                os.replace(self.dst, old)
             os.replace(self.tmp, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dst)
+        except BaseException:
+            if old and os.path.exists(old) and not os.path.exists(self.dst):
+                os.replace(old, self.dst)  # put the old checkpoint back
+            raise
         self._done = True
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
         return self.dst
 
     def __enter__(self) -> CheckpointWriter:
@@ -579,6 +636,34 @@ class CheckpointWriter:
     def __exit__(self, *exc) -> None:
         if not self._done:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _recover_stale(dst: str) -> None:
+    """Clean up after a writer of `dst` that was killed: its temporary folder goes, and an old
+    checkpoint it had moved aside comes back if nothing took its place."""
+    parent, base = os.path.split(dst)
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)$")
+    for name in sorted(os.listdir(parent)):
+        m = pattern.match(name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        if m.group(1) == "old" and not os.path.exists(dst):
+            os.replace(path, dst)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_checkpoint(dst: str, ckpt: Checkpoint, *, format: str = "compressed-tensors",
@@ -615,9 +700,14 @@ def _items(fmt: str, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     yield from ckpt.tensors.items()
 
 
+def is_linear_weight(name: str, shape) -> bool:
+    """Whether tensor `name` of `shape` is a linear layer's weight: 2-D, named `*.weight`, not
+    an embedding (a lookup, never quantized)."""
+    return name.endswith(".weight") and len(shape) == 2 and "embed" not in name
+
+
 def _linear_modules(tensors: dict[str, torch.Tensor]) -> Iterable[str]:
-    """Unquantized layers with 2-D weights (lm_head, ...): the writers' ignore lists. Embeddings
-    are not Linear layers and need no entry."""
+    """Unquantized linear layers (lm_head, ...): the writers' ignore lists."""
     for name, t in tensors.items():
-        if name.endswith(".weight") and t.dim() == 2 and "embed" not in name:
+        if is_linear_weight(name, t.shape):
             yield name[: -len(".weight")]

@@ -1,7 +1,8 @@
 """Quantize a 16-bit HF checkpoint into an FP8 one: every linear weight but the kept ones gets
 per-tensor, per-channel or 128x128-block scales (exact for weights already on an FP8 grid), and
-static activation and KV-cache scales come from calibration batches. Streams tensor by tensor,
-so a model larger than memory converts too."""
+static activation and KV-cache scales come from calibration batches. The weights stream tensor
+by tensor (memory: a few times the largest weight, plus a shard being written); static
+calibration runs the whole model, on the GPU when there is one."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .checkpoint import (
     TensorSource,
     detect_format,
     format_tensors,
+    is_linear_weight,
     kv_tensors,
     quantization_config,
     read_config,
@@ -53,19 +55,24 @@ class LayerReport:
     max_abs_err: float
 
 
-def _is_kept(name: str, keep: Iterable[str]) -> bool:
-    return any(re.search(pattern, name) for pattern in keep)
-
-
 def linear_weights(src: TensorSource, keep: Iterable[str]) -> tuple[list[str], list[str]]:
-    """The linear layers of a 16-bit checkpoint (modules with a 2-D float `weight`, embeddings
-    excepted): (those to quantize, those `keep` keeps in 16 bits)."""
+    """The 16-bit linear layers of a checkpoint: (those to quantize, those kept 16-bit because
+    their name matches a regex in `keep`)."""
+    patterns = []
+    for pattern in keep:
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as err:
+            raise CheckpointError(f"keep pattern {pattern!r} is not a regex: {err}") from None
     quantize, kept = [], []
     for name in src:
-        if not name.endswith(".weight") or "embed" in name or len(src.shape(name)) != 2:
-            continue
-        if src.dtype_name(name) in ("BF16", "F16", "F32"):
-            (kept if _is_kept(name, keep) else quantize).append(name[: -len(".weight")])
+        if is_linear_weight(name, src.shape(name)) and src.dtype_name(name) in (
+            "BF16",
+            "F16",
+            "F32",
+        ):
+            is_kept = any(p.search(name) for p in patterns)
+            (kept if is_kept else quantize).append(name[: -len(".weight")])
     return quantize, kept
 
 
@@ -103,12 +110,15 @@ def load_calibration(path: str) -> torch.Tensor:
     torch.load reads (a tensor or a dict with "input_ids")."""
     if not os.path.isfile(path):
         raise CheckpointError(f"calibration file {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        data = load_file(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and pickle raise their own types
+        raise CheckpointError(f"calibration file {path} cannot be read: {err}") from None
     ids = data.get("input_ids") if isinstance(data, dict) else data
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         raise CheckpointError(
@@ -118,10 +128,15 @@ def load_calibration(path: str) -> torch.Tensor:
 
 
 def calibrate_checkpoint(
-    src: str, input_ids: torch.Tensor, modules: set[str], observer: str = "absmax"
+    src: str,
+    input_ids: torch.Tensor,
+    modules: set[str],
+    observer: str = "absmax",
+    device: str | None = None,
 ):
     """Static input scales of `modules` and KV-cache scales, from running the checkpoint on
-    `input_ids`. The model runs through HF transformers until fp8nemo's own model lands."""
+    `input_ids` on `device` (default: the GPU if there is one). The model runs through HF
+    transformers until fp8nemo's own model lands."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -129,10 +144,11 @@ def calibrate_checkpoint(
             "static activations need calibration runs of the model, which need HF transformers "
             "(pip install transformers) until fp8nemo's model wrapper exists"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype="auto")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto").to(device)
     calib = Calibrator(model, observer, linear_filter=lambda name, _: name in modules)
     batches = [input_ids[i : i + CALIB_BATCH] for i in range(0, input_ids.shape[0], CALIB_BATCH)]
-    calib.run(batches)
+    calib.run(batches, forward=lambda model, ids: model(ids.to(device)))
     return calib.input_scales(), calib.kv_scales()
 
 
@@ -149,6 +165,7 @@ def quantize_checkpoint(
     keep: Iterable[str] = DEFAULT_KEEP,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> list[LayerReport]:
     """Quantize the 16-bit checkpoint folder `src` into `dst` (see the module docstring);
     returns one report per quantized layer. Everything is checked before anything is
@@ -184,7 +201,7 @@ def quantize_checkpoint(
     input_scales, kv_scales = {}, {}
     if static:
         input_scales, kv_scales = calibrate_checkpoint(
-            src, load_calibration(calib), set(modules), observer
+            src, load_calibration(calib), set(modules), observer, device
         )
         missing = sorted(set(modules) - input_scales.keys())
         if missing:
