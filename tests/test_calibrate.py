@@ -5,8 +5,10 @@ import pytest
 import torch
 from helpers import randn
 
-from fp8nemo.quant import fp8
+from fp8nemo.quant import calibrate, fp8
 from fp8nemo.quant.calibrate import (
+    CLIP_RATIOS,
+    TAIL_SIZE,
     Calibrator,
     Observer,
     calibrate_weight,
@@ -72,14 +74,15 @@ def test_partly_on_a_grid_per_channel(gen):
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_mse_clips_exactly_where_it_lowers_the_error(granularity, gen):
-    """Per group, the MSE search picks a scale below absmax / 448 only if that group's error
-    drops. Rows 0-127 lie on the grid of a scale 10% below their absmax / 448 (clipping wins),
-    the rest are Gaussian (it does not)."""
+    """Per group, the MSE search picks the clipping ratio with the least error (absmax on
+    ties). Rows 0-127 lie on the grid of a scale 10% below their absmax / 448, so clipping
+    wins there; the rest are Gaussian."""
     small = FINITE[(FINITE.float().abs() >= 1) & (FINITE.float().abs() <= 416)]
     w = randn(256, 256, gen=gen, scale=0.02)
     w[:128] = small[torch.randint(0, len(small), (128, 256), generator=gen)].float() * 1e-4
     w[:128, 0] = 448e-4 / 0.9
-    absmax = fp8.scale_from_amax(fp8.amax(w, granularity))
+    amax = fp8.amax(w, granularity)
+    absmax = fp8.scale_from_amax(amax)
     chosen = mse_scale(w, granularity)
 
     def group_err(scale):
@@ -87,13 +90,72 @@ def test_mse_clips_exactly_where_it_lowers_the_error(granularity, gen):
         err = (fp8.dequantize(q, scale, granularity) - w).pow(2)
         return group_sum(err, granularity)
 
+    tried = torch.stack([group_err(fp8.scale_from_amax(amax * r)) for r in (1.0, *CLIP_RATIOS)])
+    assert torch.equal(group_err(chosen), tried.min(0).values)
     clipped = chosen < absmax
     assert (chosen <= absmax).all()
     assert (group_err(chosen)[clipped] < group_err(absmax)[clipped]).all()
+    assert torch.equal(chosen[~clipped], absmax[~clipped])
     if granularity != "tensor":
-        assert clipped.any() and not clipped.all()
+        assert clipped[0].all()  # the groups of rows 0-127 (row 0 of the blocks)
     q_mse, q_abs = calibrate_weight(w, granularity, "mse"), calibrate_weight(w, granularity)
     assert q_mse.sqnr_db >= q_abs.sqnr_db
+
+
+def test_mse_tries_each_ratio_once_and_not_on_a_grid(gen, monkeypatch):
+    """26 ratios (1.00 ... 0.50) cost 26 quantization passes; a weight on a grid needs none."""
+    passes = []
+    quant_error = calibrate._quant_error
+    monkeypatch.setattr(calibrate, "_quant_error", lambda *a: passes.append(1) or quant_error(*a))
+    calibrate_weight(randn(64, 256, gen=gen, dtype=torch.bfloat16), "channel", "mse")
+    assert len(passes) == 26
+    passes.clear()
+    w = on_grid((64, 256), "channel", torch.bfloat16, gen)
+    q = calibrate_weight(w, "channel", "mse")
+    assert q.method == "grid" and not passes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_weights_with_nan_or_inf_are_refused(granularity, bad, gen):
+    """One NaN/inf would turn its group's scale (a whole tensor's, per tensor) into NaN/inf."""
+    w = randn(130, 200, gen=gen, dtype=torch.bfloat16, scale=0.02)
+    i, j = (int(torch.randint(0, n, (1,), generator=gen)) for n in w.shape)
+    w[i, j] = bad
+    w[i + 1 :, j] = bad  # later ones too: the message names the first
+    with pytest.raises(ValueError, match=rf"{130 - i} NaN/inf.* {bad} at index \({i}, {j}\)"):
+        calibrate_weight(w, granularity)
+    with pytest.raises(ValueError, match=r"w is empty: shape \[0, 16\]"):
+        calibrate_weight(torch.zeros(0, 16), granularity)
+
+
+def _int_dequantized(w, levels, per_row):
+    """w rounded to `levels` integer steps per row or per tensor (an int8/int4 checkpoint
+    dequantized to bf16): few magnitudes, yet off any FP8 grid."""
+    s = (w.abs().amax(1, keepdim=True) if per_row else w.abs().max()) / levels
+    return ((w / s).round().clamp(-levels, levels) * s).bfloat16()
+
+
+@pytest.mark.parametrize(
+    "kind, granularity",
+    [("int8", "tensor"), ("int8-rows", "channel"), ("int4-rows", "block"), ("dead-row", "tensor")],
+)
+def test_grid_search_is_cheap_off_the_grid(kind, granularity, gen, monkeypatch):
+    """Weights that look like a grid on a few elements (low entropy, or a zero first row) are
+    searched on samples: besides one whole pass for code 448 and one to quantize, the 125 other
+    codes cost a few elements per group, not a pass each (127 passes before)."""
+    w = randn(512, 4096, gen=gen, scale=0.02)
+    if kind == "dead-row":
+        w[0] = 0
+        w = w.bfloat16()
+    else:
+        w = _int_dequantized(w, 127 if kind.startswith("int8") else 7, kind.endswith("rows"))
+    cast = fp8.saturating_cast
+    seen = []
+    monkeypatch.setattr(fp8, "saturating_cast", lambda x, *a: seen.append(x.numel()) or cast(x, *a))
+    q = calibrate_weight(w, granularity)
+    assert not q.on_grid and q.method == "absmax"
+    assert sum(seen) <= 4 * w.numel()
 
 
 def test_quantize_weight_returns_codes_and_scales(gen):
@@ -159,6 +221,57 @@ def test_observer_errors():
         Observer().scale()
     with pytest.raises(ValueError, match="NaN in layer"):
         Observer().update(torch.tensor([1.0, float("nan")]), "layer")
+    for x in (torch.tensor([1.0, float("inf")]), torch.tensor([-float("inf"), 1.0]).half()):
+        with pytest.raises(ValueError, match="inf in layer"):
+            Observer().update(x, "layer")
+
+
+@pytest.mark.parametrize("kind", ["percentile", "mse"])
+def test_clipping_observers_see_an_outlier_channel(kind, gen):
+    """Activations [tokens, 5120] with one outlier channel (x60) at an odd index, in 4 batches:
+    a strided sample (step 10 here) never saw it and clipped it. The chosen scale's error on all
+    the data is at most absmax's."""
+    channel = 7 + 2 * int(torch.randint(0, 2500, (1,), generator=gen))
+    batches = [randn(256, 5120, gen=gen) for _ in range(4)]
+    for x in batches:
+        x[:, channel] *= 60
+    obs = Observer(kind)
+    for x in batches:
+        obs.update(x)
+    x = torch.cat(batches)
+    absmax = fp8.scale_from_amax(x.abs().max()).reshape(1)
+
+    def error(scale):
+        q, _ = fp8.quantize(x, "tensor", scale)
+        return (fp8.dequantize(q, scale, "tensor") - x).pow(2).sum()
+
+    assert error(obs.scale()) <= error(absmax)
+
+
+def test_observer_weighs_every_batch_equally(gen):
+    """Each batch keeps as many sampled elements as any other, and the same data gives the
+    same sample."""
+    batches = [randn(300 + 7 * b, 50, gen=gen).abs() + 10 * b for b in range(11)]
+    samples = []
+    for _ in range(2):
+        obs = Observer("mse", sample_size=4096)
+        for x in batches:
+            obs.update(x)
+        samples.append(torch.cat(obs.samples))
+    assert torch.equal(samples[0], samples[1])
+    counts = torch.bincount((samples[0] // 10).long())
+    assert counts.tolist() == [4096 // 16] * 11
+
+
+def test_observer_moves_only_small_results_to_the_cpu(gen, monkeypatch):
+    """The observers reduce on x's device: nothing the size of x is copied to the host."""
+    moved = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: moved.append(t.numel()) or cpu(t))
+    x = randn(64, 4096, gen=gen)
+    for kind in ("absmax", "percentile", "mse"):
+        Observer(kind, sample_size=4096).update(x)
+    assert moved and max(moved) <= max(TAIL_SIZE, 4096) < x.numel()
 
 
 class Attention(torch.nn.Module):
@@ -283,13 +396,15 @@ def test_gradient_stops_where_a_static_scale_saturates(gen):
     assert torch.equal(x.grad, torch.where(inside, g, 0.0))
 
 
-def test_prepare_train_convert(gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_prepare_train_convert(dtype, gen):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    model.to(dtype)
     keys = set(model.state_dict())
     prepare_qat(model, input_granularity="row")
     assert all(isinstance(model[i], QATLinear) for i in (0, 2)) and set(model.state_dict()) == keys
-    x = randn(16, 32, gen=gen)
+    x = randn(16, 32, gen=gen, dtype=dtype)
     want = torch.nn.functional.linear(
         fake_quant_fp8(x, "row"), fake_quant_fp8(model[0].weight, "row"), model[0].bias
     )
@@ -305,7 +420,8 @@ def test_prepare_train_convert(gen):
     for i in (0, 2):
         w_fp8, scale = converted[str(i)]
         assert w_fp8.dtype == E4M3 and scale.shape == (model[i].out_features, 1)
-        assert torch.equal(fp8.dequantize(w_fp8, scale, "channel"), fake[i])  # what QAT trained
+        # What QAT trained: bit for bit in fp32; a 16-bit forward rounded codes * scale to dtype.
+        assert torch.equal(fp8.dequantize(w_fp8, scale, "channel").to(dtype), fake[i])
         assert type(model[i]) is torch.nn.Linear
 
 

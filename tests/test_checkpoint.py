@@ -434,6 +434,15 @@ def test_quantize_static_with_a_kept_attention_reads_back(tmp_path, gen):
     assert back.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
+def test_quantize_names_a_weight_it_cannot_quantize(tmp_path, gen):
+    tensors = bf16_tensors(gen)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 7] = float("nan")
+    src = write(tmp_path / "src", hf_config(), tensors)
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight: w holds 1 NaN"):
+        quantize_checkpoint(str(src), str(tmp_path / "dst"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen, monkeypatch):
     from fp8nemo.quant import convert
 

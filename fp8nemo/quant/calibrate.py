@@ -19,10 +19,16 @@ from . import fp8
 
 WEIGHT_METHODS = ("absmax", "mse")
 OBSERVERS = ("absmax", "percentile", "mse")
-# Clipping ratios an MSE search tries, largest first (ties keep the larger scale).
-CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 ... 0.50
-# Elements an activation observer keeps (a strided, deterministic subsample) to measure errors.
+# Clipping ratios an MSE search tries after absmax (ratio 1), largest first (ties keep the
+# larger scale).
+CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(1, 26))  # 0.98 ... 0.50
+# An activation observer measures a scale's error on the TAIL_SIZE largest |x| it saw (exactly:
+# they decide what a clip costs) and a random sample of at most SAMPLE_SIZE of the rest.
 SAMPLE_SIZE = 1 << 20
+TAIL_SIZE = 1 << 14
+# Elements per scale group (a random sample, then more of it) on which the grid search tries a
+# code before it tries the whole group: a few reject most off-grid groups at once.
+GRID_SAMPLES = (32, 512)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,18 +56,14 @@ def _quant_error(x, scale, granularity):
     return group_sum(err, granularity)
 
 
-def group_sum(t, granularity):
-    """Sum of `t` over each scale group, shaped like the scales."""
-    if granularity == "tensor":
-        return t.sum().reshape(1)
-    if granularity in ("channel", "token"):
-        return t.sum(-1, keepdim=True)
-    return fp8._blocked(t, granularity, fp8.BLOCK).flatten(-2).sum(-1)
+def group_sum(t: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Sum of `t` over each scale group, shaped like the scales (`t` 2-D unless per tensor)."""
+    return _groups(t, granularity).sum(1).reshape(fp8.scale_shape(t.shape, granularity))
 
 
 def mse_scale(x: torch.Tensor, granularity: str, ratios=CLIP_RATIOS) -> torch.Tensor:
-    """Per-group scale `r * amax / 448` with the clipping ratio r in `ratios` that minimizes the
-    group's quantization error (the first, i.e. largest, ratio on ties)."""
+    """Per-group scale `r * amax / 448` with the clipping ratio r in 1 or `ratios` that minimizes
+    the group's quantization error (the largest ratio on ties)."""
     amax = fp8.amax(x, granularity)
     best_scale = fp8.scale_from_amax(amax)
     best_err = _quant_error(x, best_scale, granularity)
@@ -75,7 +77,7 @@ def mse_scale(x: torch.Tensor, granularity: str, ratios=CLIP_RATIOS) -> torch.Te
 
 
 def _groups(x: torch.Tensor, granularity: str) -> torch.Tensor:
-    """x as [groups, elements]: one row per scale (blocks zero-padded to 128 x 128)."""
+    """A 2-D x as [groups, elements]: one row per scale (blocks zero-padded to 128 x 128)."""
     if granularity == "tensor":
         return x.reshape(1, -1)
     if granularity == "channel":
@@ -98,12 +100,21 @@ _E4M3_POSITIVE = (
 )
 
 
-def _fit_scale(g: torch.Tensor, codes: torch.Tensor):
-    """Per row, an fp32 scale s with `(codes * s).to(g.dtype) == g` exactly, if one exists:
-    each element allows s within the interval of reals that round to it (half an ulp each
-    way); the rows whose intervals meet keep the midpoint, verified. Returns (s, ok).
-    For 16-bit weights fp32 holds the midpoints exactly and rounds the bounds far below their
-    width (fp32 weights need fp64); the verification has the last word."""
+def _random_indices(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """k of range(n) drawn by a generator seeded with `seed` (same data, same sample), or all
+    n shuffled when n <= k. In random order, so every prefix is a random sample too. (A stride
+    would alias with the row length and see the same few columns every time.)"""
+    gen = torch.Generator().manual_seed(seed)
+    if n <= k:
+        return torch.randperm(n, generator=gen)
+    return torch.randint(n, (k,), generator=gen)
+
+
+def _scale_bounds(g: torch.Tensor, codes: torch.Tensor):
+    """Per row, the interval [lo, hi] of scales s with `(codes * s).to(g.dtype) == g`: each
+    element allows s within the reals that round to it (half an ulp each way), and the row
+    allows where those meet (lo > hi: nowhere). A row's bounds are a max and a min over its
+    elements, so a subset of them never meets where the whole row does."""
     work = torch.float32 if g.element_size() <= 2 else torch.float64
     x, c = g.to(work), codes.to(work)
     up = torch.nextafter(g, torch.full_like(g, math.inf)).to(work)
@@ -113,16 +124,25 @@ def _fit_scale(g: torch.Tensor, codes: torch.Tensor):
     a, b = (x + down) / 2 / safe_c, (x + up) / 2 / safe_c
     lo = torch.where(nonzero, torch.minimum(a, b), -math.inf).amax(1)
     hi = torch.where(nonzero, torch.maximum(a, b), math.inf).amin(1)
+    return lo, hi
+
+
+def _fit_scale(g: torch.Tensor, codes: torch.Tensor):
+    """Per row, an fp32 scale s with `(codes * s).to(g.dtype) == g` exactly, if one exists:
+    the midpoint of `_scale_bounds`, verified. Returns (s, ok).
+    For 16-bit weights fp32 holds the midpoints exactly and rounds the bounds far below their
+    width (fp32 weights need fp64); the verification has the last word."""
+    lo, hi = _scale_bounds(g, codes)
     s = ((lo + hi) / 2).float()
     s = torch.where(torch.isfinite(s) & (s > 0), s, 1.0)
     exact = ((codes.float() * s[:, None]).to(g.dtype) == g).all(1)
     return s, (lo <= hi) & exact
 
 
-def _few_magnitudes(g: torch.Tensor, sample: int = 512) -> torch.Tensor:
-    """Per row: whether its first `sample` elements hold no more distinct magnitudes than e4m3
-    has values (a necessary condition for a grid, cheap to test)."""
-    mags = g[:, :sample].abs().sort(1).values
+def _few_magnitudes(g: torch.Tensor) -> torch.Tensor:
+    """Per row: whether it holds no more distinct magnitudes than e4m3 has values (a necessary
+    condition for a grid, cheap to test on a sample)."""
+    mags = g.abs().sort(1).values
     distinct = 1 + (mags[:, 1:] != mags[:, :-1]).sum(1)
     return distinct <= _E4M3_POSITIVE.numel() + 1
 
@@ -134,27 +154,38 @@ def grid_scale(w: torch.Tensor, granularity: str):
     Returns (codes, scale, on_grid) with on_grid per group. The group's largest element carries
     the largest code c (448 after QAT with amax scales; any code for other grids), so the codes
     are read off `w / (amax / c)`: a 16-bit checkpoint moves the true scale by far less than
-    e4m3's spacing. Groups with more distinct magnitudes than e4m3 has values are off any grid
-    and are not searched further.
+    e4m3's spacing. c = 448 is tried on whole groups. The other codes are tried on random
+    samples of each group (GRID_SAMPLES elements), and on the whole group only where the sample
+    fits, so a code costs O(32) per off-grid group, not O(group). Groups whose sample holds more
+    distinct magnitudes than e4m3 has values are off any grid and are not searched further.
     """
     g = _groups(w, granularity)
     amax = g.abs().amax(1).float()
     scale = torch.zeros(g.shape[0])
     codes = torch.zeros(g.shape, dtype=fp8.E4M3)
     on = torch.zeros(g.shape[0], dtype=torch.bool)
-    todo = amax > 0
-    for i, c in enumerate(_E4M3_POSITIVE.tolist()):
-        rows = todo.nonzero().flatten()
-        if rows.numel() == 0:
-            break
-        s0 = amax[rows] / c
-        cand = fp8.saturating_cast(g[rows].float() / s0[:, None])
+
+    def codes_for(x, rows, c):
+        return fp8.saturating_cast(x[rows].float() / (amax[rows] / c)[:, None])
+
+    def fit(rows, c):
+        cand = codes_for(g, rows, c)
         s, ok = _fit_scale(g[rows], cand)
         hit = rows[ok]
         scale[hit], codes[hit], on[hit] = s[ok], cand[ok], True
-        todo[hit] = False
-        if i == 0:  # after the QAT case, search only groups that could lie on a grid
-            todo &= _few_magnitudes(g)
+
+    fit((amax > 0).nonzero().flatten(), fp8.E4M3_MAX)  # QAT with amax scales: the usual case
+    sample = g[:, _random_indices(g.shape[1], GRID_SAMPLES[-1])]
+    todo = (amax > 0) & ~on & _few_magnitudes(sample)
+    for c in _E4M3_POSITIVE[1:].tolist():
+        rows = todo.nonzero().flatten()
+        if rows.numel() == 0:
+            break
+        for n in GRID_SAMPLES:  # the sample's intervals must meet where the group's do
+            lo, hi = _scale_bounds(sample[rows, :n], codes_for(sample[:, :n], rows, c))
+            rows = rows[lo <= hi]
+        fit(rows, c)
+        todo &= ~on
     zero_rows = amax == 0  # an all-zero group is on every grid: codes 0, any scale
     scale[zero_rows], on[zero_rows] = fp8.scale_from_amax(amax[zero_rows]), True
     shape = fp8.scale_shape(w.shape, granularity)
@@ -178,8 +209,17 @@ def calibrate_weight(
         raise ValueError(f"method must be one of {WEIGHT_METHODS}; got {method!r}")
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D float tensor [N, K]; got {getattr(w, 'shape', type(w))}")
+    if w.numel() == 0:
+        raise ValueError(f"w is empty: shape {list(w.shape)}")
+    finite = torch.isfinite(w)
+    if not finite.all():
+        first = tuple((~finite).nonzero()[0].tolist())
+        raise ValueError(
+            f"w holds {int((~finite).sum())} NaN/inf values (an amax over them gives a NaN or "
+            f"inf scale); the first is {w[first].item()} at index {first}"
+        )
     codes, grid, on_grid = grid_scale(w, granularity)
-    if method == "mse":
+    if method == "mse" and not on_grid.all():
         scale = mse_scale(w, granularity)
     else:
         scale = fp8.scale_from_amax(fp8.amax(w, granularity))
@@ -216,18 +256,20 @@ def quantize_weight(w: torch.Tensor, granularity: str = "channel", method: str =
 # activations and the KV cache
 
 
-def _clip_error(sample: torch.Tensor, scale: torch.Tensor) -> float:
-    """Mean squared error of quantizing `sample` with a per-tensor `scale` (saturating)."""
-    return float(_quant_error(sample, scale, "tensor")) / sample.numel()
+def _sum_error(x: torch.Tensor, scale: torch.Tensor) -> float:
+    """Squared error of quantizing `x` with a per-tensor `scale` (saturating), summed."""
+    return float(_quant_error(x, scale, "tensor"))
 
 
 class Observer:
     """What one activation stream looked like over the calibration batches.
 
-    Every observer keeps the running absmax and a deterministic strided subsample of |x| (at
-    most SAMPLE_SIZE values). `scale()` gives absmax / 448 for "absmax"; "percentile" clips at
-    the largest per-batch percentile and "mse" at the clipping ratio that minimizes the sample's
-    quantization error, each only where that lowers the error measured on the sample.
+    Every observer keeps the running absmax. `scale()` gives absmax / 448 for "absmax";
+    "percentile" clips at the largest per-batch percentile and "mse" at the clipping ratio that
+    minimizes the quantization error, each only where that lowers the error over all the data
+    seen. That error is exact on the TAIL_SIZE largest |x| (which decide what a clip costs) and
+    estimated below them from a random sample of |x|: at most SAMPLE_SIZE values, as many from
+    each batch, drawn with a fixed seed per batch so that the same data gives the same scales.
     """
 
     def __init__(
@@ -240,26 +282,36 @@ class Observer:
         self.kind, self.percentile, self.sample_size = kind, percentile, sample_size
         self.amax = torch.zeros(())
         self.clip = torch.zeros(())  # the largest per-batch percentile of |x|
-        self.samples: list[torch.Tensor] = []
+        self.tail = torch.zeros(0)  # the TAIL_SIZE largest |x| seen, descending
+        self.samples: list[torch.Tensor] = []  # of |x|, one per batch, in random order
+        self.seen = 0  # elements
         self.batches = 0
 
     def update(self, x: torch.Tensor, name: str = "activation") -> None:
-        a = x.detach().float().abs().flatten().cpu()
+        # Reduce on x's device: only scalars, the tail and the sample go to the CPU.
+        a = x.detach().flatten().abs()
         if a.numel() == 0:
             return
-        if torch.isnan(a).any():
-            raise ValueError(f"calibration saw NaN in {name}")
-        self.amax = torch.maximum(self.amax, a.max())
+        amax = a.max().float().cpu()
+        if not amax.isfinite():
+            raise ValueError(f"calibration saw {'NaN' if amax.isnan() else 'inf'} in {name}")
+        self.amax = torch.maximum(self.amax, amax)
         self.batches += 1
+        self.seen += a.numel()
         if self.kind == "absmax":
             return
+        a = a.float()
         if self.kind == "percentile":
             k = max(1, math.ceil(self.percentile / 100 * a.numel()))
-            self.clip = torch.maximum(self.clip, a.kthvalue(k).values)
-        step = max(1, math.ceil(a.numel() / max(1, self.sample_size // 8)))
-        self.samples.append(a[::step].clone())
-        if sum(s.numel() for s in self.samples) > self.sample_size:
-            self.samples = [torch.cat(self.samples)[::2]]
+            self.clip = torch.maximum(self.clip, a.kthvalue(k).values.cpu())
+        tail = torch.cat((self.tail, a.topk(min(TAIL_SIZE, a.numel())).values.cpu()))
+        self.tail = tail.topk(min(TAIL_SIZE, tail.numel())).values
+        # Batch b keeps sample_size / 2^ceil(log2 b) elements, and the earlier ones are cut to
+        # as many (a prefix of a random order is a random sample): every batch weighs the same.
+        quota = max(1, self.sample_size >> (self.batches - 1).bit_length())
+        self.samples = [s[:quota].clone() if s.numel() > quota else s for s in self.samples]
+        idx = _random_indices(a.numel(), quota, seed=self.batches).to(a.device)
+        self.samples.append(a[idx].cpu())
 
     def scale(self) -> torch.Tensor:
         """fp32 `[1]` dequant scale."""
@@ -268,14 +320,21 @@ class Observer:
         full = fp8.scale_from_amax(self.amax).reshape(1)
         if self.kind == "absmax":
             return full
-        sample = torch.cat(self.samples)
-        best, best_err = full, _clip_error(sample, full)
+        # The error over all data seen: exact on the tail, estimated from the sample below it.
+        body = torch.cat(self.samples)
+        body = body[body <= self.tail[-1]]
+        weight = (self.seen - self.tail.numel()) / max(1, body.numel())
+
+        def error(scale):
+            return _sum_error(self.tail, scale) + weight * _sum_error(body, scale)
+
+        best, best_err = full, error(full)
         if self.kind == "percentile":
             candidates = [fp8.scale_from_amax(self.clip).reshape(1)]
         else:
-            candidates = [fp8.scale_from_amax(self.amax * r).reshape(1) for r in CLIP_RATIOS[1:]]
+            candidates = [fp8.scale_from_amax(self.amax * r).reshape(1) for r in CLIP_RATIOS]
         for scale in candidates:
-            err = _clip_error(sample, scale)
+            err = error(scale)
             if err < best_err:
                 best, best_err = scale, err
         return best

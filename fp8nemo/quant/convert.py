@@ -219,7 +219,10 @@ def quantize_checkpoint(
                 out.add(name, tensor)
                 continue
             module = weights[name]
-            q = calibrate_weight(tensor, scheme, method)
+            try:
+                q = calibrate_weight(tensor, scheme, method)
+            except ValueError as err:
+                raise CheckpointError(f"{name}: {err}") from None
             layer = QuantizedLinear(q.w_fp8, q.scale, scheme, input_scales.get(module))
             for item in format_tensors(format, module, layer):
                 out.add(*item)

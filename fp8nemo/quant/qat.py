@@ -91,8 +91,10 @@ def prepare_qat(
 
 def convert_qat(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Turn the QAT layers back into nn.Linear and return their FP8 weights and scales,
-    `{name: (w_fp8, scale)}` (scale `[1]` per tensor or `[N, 1]` per channel). Dequantized, each
-    weight equals what the QAT forward used, bit for bit."""
+    `{name: (w_fp8, scale)}` (scale `[1]` per tensor or `[N, 1]` per channel). Dequantized in
+    fp32, each weight equals what the QAT forward used bit for bit in an fp32 model; in a 16-bit
+    model the forward used `(codes * scale).to(dtype)`, so they are equal after rounding to the
+    model's dtype."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, QATLinear):
