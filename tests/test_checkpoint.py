@@ -362,11 +362,17 @@ def test_quantize_recovers_qat_weights_exactly(tmp_path, gen):
         assert torch.equal(deq[f"{name}.weight"].bfloat16(), tensors[f"{name}.weight"])
 
 
-def test_quantize_static_activations_calibrates_through_transformers(tmp_path, gen):
-    pytest.importorskip("transformers")
+def static_source(tmp_path, gen, sequences, length):
+    """A 16-bit checkpoint and a calibration file of random token ids for it."""
     src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
     calib = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 96, (6, 24), generator=gen)}, calib)
+    save_file({"input_ids": torch.randint(0, 96, (sequences, length), generator=gen)}, calib)
+    return src, calib
+
+
+def test_quantize_static_activations_calibrates_through_transformers(tmp_path, gen):
+    pytest.importorskip("transformers")
+    src, calib = static_source(tmp_path, gen, 6, 24)
     quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor", activations="static",
                         calib=str(calib), format="fp8", progress=False)  # fmt: skip
     back = read_checkpoint(str(tmp_path / "dst"))
@@ -422,9 +428,7 @@ def test_quantize_keeps_embeddings_and_warns_where_vllm_would_not_load(tmp_path,
 def test_quantize_static_with_a_kept_attention_reads_back(tmp_path, gen):
     """KV-cache scales belong to the attention, quantized projections or not."""
     pytest.importorskip("transformers")
-    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
-    calib = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 96, (2, 16), generator=gen)}, calib)
+    src, calib = static_source(tmp_path, gen, 2, 16)
     quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor", activations="static",
                         calib=str(calib), keep=["lm_head", r"layers\.0\.self_attn"],
                         progress=False)  # fmt: skip
@@ -446,9 +450,7 @@ def test_quantize_names_a_weight_it_cannot_quantize(tmp_path, gen):
 def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen, monkeypatch):
     from fp8nemo.quant import convert
 
-    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
-    calib = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 96, (2, 8), generator=gen)}, calib)
+    src, calib = static_source(tmp_path, gen, 2, 8)
     monkeypatch.setattr(convert, "calibrate_checkpoint", lambda *args: ({}, {}))
     with pytest.raises(CheckpointError, match="no static input scale"):
         quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor",
