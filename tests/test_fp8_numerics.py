@@ -63,12 +63,14 @@ def test_scale_from_amax_floor_and_nan():
 
 @pytest.mark.parametrize("shape", [(5, 7), (130, 300), (257, 128), (1, 1)])
 @pytest.mark.parametrize("granularity", ["tensor", "token", "channel", "group", "block"])
-def test_amax_matches_a_loop(shape, granularity, gen):
+def test_amax_and_groups_match_a_loop(shape, granularity, gen):
+    """amax per scale, and `groups` holding each scale's elements (zero padding aside)."""
     x = randn(*shape, gen=gen)
     got = fp8.amax(x, granularity)
     assert tuple(got.shape) == fp8.scale_shape(x.shape, granularity)
+    sums = fp8.groups(x, granularity).sum(-1)
     b = fp8.BLOCK
-    want = torch.empty(got.shape)
+    want, want_sums = torch.empty(got.shape), torch.empty(got.shape)
     for idx in torch.cartesian_prod(*[torch.arange(n) for n in got.shape]).reshape(-1, got.dim()):
         i = tuple(idx.tolist())
         if granularity == "tensor":
@@ -79,8 +81,9 @@ def test_amax_matches_a_loop(shape, granularity, gen):
             part = x[i[0], i[1] * b : (i[1] + 1) * b]
         else:
             part = x[i[0] * b : (i[0] + 1) * b, i[1] * b : (i[1] + 1) * b]
-        want[i] = part.abs().max()
+        want[i], want_sums[i] = part.abs().max(), part.sum()
     assert torch.equal(got, want)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "token", "group", "block"])

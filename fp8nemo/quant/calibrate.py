@@ -57,8 +57,8 @@ def _quant_error(x, scale, granularity):
 
 
 def group_sum(t: torch.Tensor, granularity: str) -> torch.Tensor:
-    """Sum of `t` over each scale group, shaped like the scales (`t` 2-D unless per tensor)."""
-    return _groups(t, granularity).sum(1).reshape(fp8.scale_shape(t.shape, granularity))
+    """Sum of `t` over each scale group, shaped like the scales."""
+    return fp8.groups(t, granularity).sum(-1)
 
 
 def mse_scale(x: torch.Tensor, granularity: str, ratios=CLIP_RATIOS) -> torch.Tensor:
@@ -78,11 +78,7 @@ def mse_scale(x: torch.Tensor, granularity: str, ratios=CLIP_RATIOS) -> torch.Te
 
 def _groups(x: torch.Tensor, granularity: str) -> torch.Tensor:
     """A 2-D x as [groups, elements]: one row per scale (blocks zero-padded to 128 x 128)."""
-    if granularity == "tensor":
-        return x.reshape(1, -1)
-    if granularity == "channel":
-        return x
-    return fp8._blocked(x, "block", fp8.BLOCK).flatten(-2).flatten(0, 1)
+    return fp8.groups(x, granularity).flatten(0, -2)
 
 
 def _ungroup(g: torch.Tensor, granularity: str, shape) -> torch.Tensor:

@@ -49,30 +49,30 @@ def scale_shape(shape: torch.Size | tuple, granularity: str, block: int = BLOCK)
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
-def _blocked(x: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
-    """View `x` (zero-padded) so that each scale's elements share the trailing axes."""
+def groups(x: torch.Tensor, granularity: str, block: int = BLOCK) -> torch.Tensor:
+    """`x` (zero-padded to whole groups) viewed as `scale_shape(x.shape) + (elements,)`: each
+    scale's elements along the last axis."""
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity in ("token", "channel"):
+        return x.unsqueeze(-2)
     if granularity == "group":
-        pad = -x.shape[-1] % block
-        x = torch.nn.functional.pad(x, (0, pad))
+        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % block))
         return x.reshape(*x.shape[:-1], -1, block)
-    # block: [N, K] -> [N/b, b, K/b, b] -> [N/b, K/b, b, b]
-    n, k = x.shape
-    x = torch.nn.functional.pad(x, (0, -k % block, 0, -n % block))
-    return x.reshape(x.shape[0] // block, block, x.shape[1] // block, block).transpose(1, 2)
+    if granularity == "block":  # [N, K] -> [N/b, b, K/b, b] -> [N/b, K/b, b * b]
+        scale_shape(x.shape, granularity, block)  # 2-D only
+        n, k = x.shape
+        x = torch.nn.functional.pad(x, (0, -k % block, 0, -n % block))
+        x = x.reshape(x.shape[0] // block, block, x.shape[1] // block, block)
+        return x.transpose(1, 2).flatten(-2)
+    raise ValueError(f"unknown granularity {granularity!r}")
 
 
 def amax(x: torch.Tensor, granularity: str, block: int = BLOCK) -> torch.Tensor:
     """Absolute maximum per scale, shaped like the scale; NaN propagates."""
-    a = x.float().abs()
-    if granularity == "tensor":
-        return a.amax().reshape(1) if a.numel() else a.new_zeros(1)
-    if granularity in ("token", "channel"):
-        return a.amax(-1, keepdim=True)
-    if granularity == "group":
-        return _blocked(a, granularity, block).amax(-1)
-    if granularity == "block":
-        return _blocked(a, granularity, block).flatten(-2).amax(-1)
-    raise ValueError(f"unknown granularity {granularity!r}")
+    if granularity == "tensor" and x.numel() == 0:
+        return x.new_zeros(1, dtype=torch.float32)
+    return groups(x.float().abs(), granularity, block).amax(-1)
 
 
 def expand_scale(
