@@ -388,12 +388,12 @@ def _required(src: TensorSource, name: str, owner: str) -> torch.Tensor:
 
 
 def _check_scale(name, scale, weight_shape=None, granularity="tensor"):
-    """A scale's dtype, shape and values: finite, and positive (a weight scale may be 0 where
-    its whole group is)."""
+    """A scale's dtype, shape and values: finite, and positive (a weight's scale, the one given
+    `weight_shape`, may be 0 where its whole group is)."""
     if not scale.is_floating_point() or scale.dtype in (fp8.E4M3, torch.float8_e5m2):
         raise CheckpointError(f"{name} must be a float scale; got dtype {scale.dtype}")
     values = scale.float()
-    low = (values < 0) if name.endswith(("weight_scale", "weight_scale_inv")) else (values <= 0)
+    low = (values < 0) if weight_shape is not None else (values <= 0)
     bad = ~torch.isfinite(values) | low
     if bad.any():
         raise CheckpointError(
@@ -661,8 +661,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, under another user
+        pass
     return True
 
 

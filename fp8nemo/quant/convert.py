@@ -39,6 +39,7 @@ DEFAULT_KEEP = ("lm_head",)
 # one's output size is a multiple of 128.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALIB_BATCH = 4  # sequences per calibration forward
+FLOATS = ("BF16", "F16", "F32")  # the safetensors dtypes of weights to quantize
 
 
 @dataclass
@@ -66,13 +67,10 @@ def linear_weights(src: TensorSource, keep: Iterable[str]) -> tuple[list[str], l
             raise CheckpointError(f"keep pattern {pattern!r} is not a regex: {err}") from None
     quantize, kept = [], []
     for name in src:
-        if is_linear_weight(name, src.shape(name)) and src.dtype_name(name) in (
-            "BF16",
-            "F16",
-            "F32",
-        ):
-            is_kept = any(p.search(name) for p in patterns)
-            (kept if is_kept else quantize).append(name[: -len(".weight")])
+        if not is_linear_weight(name, src.shape(name)) or src.dtype_name(name) not in FLOATS:
+            continue
+        is_kept = any(p.search(name) for p in patterns)
+        (kept if is_kept else quantize).append(name[: -len(".weight")])
     return quantize, kept
 
 
