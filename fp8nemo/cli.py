@@ -15,7 +15,39 @@ SUITES = ("gemm", "attention", "decode", "rope")
 NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds; got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0; got {text}")
+    return value
+
+
+def _error(message: str) -> int:
+    """One line on stderr, exit status 2: what the CLI does for any input it cannot take."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _bench(args) -> int:
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        return _error(f"--out {args.out} exists and is not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        return _error(f"--out {args.out}: cannot create it: {err.strerror}")
     import torch
 
     if not torch.cuda.is_available():
@@ -26,7 +58,6 @@ def _bench(args) -> int:
 
     requested = args.suite or ["gemm"]
     suites = list(bench.SUITES) if "all" in requested else list(dict.fromkeys(requested))
-    os.makedirs(args.out, exist_ok=True)
     failed = 0
     for suite in suites:
         start = time.perf_counter()
@@ -77,9 +108,8 @@ def _inspect(args) -> int:
     start = time.perf_counter()
     try:
         rows = codegen.inspect_kernels(args.arch, ops=args.op, jobs=args.jobs, progress=progress)
-    except codegen.InspectError as err:
-        print(err, file=sys.stderr)
-        return 2
+    except (codegen.InspectError, ValueError) as err:
+        return _error(str(err))
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -105,8 +135,9 @@ def _quantize(args) -> int:
             device=args.device,
         )  # fmt: skip
     except ValueError as err:  # CheckpointError, or calibration data the model can't take
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
+    except OSError as err:  # what the checkpoint code did not name itself
+        return _error(f"{err.filename or args.dst}: {err.strerror or err}")
     width = max(len(r.name) for r in reports)
     print(f"{'layer'.ljust(width)}  {'shape':>13}  scheme   QAT grid  SQNR dB")
     for r in reports:
@@ -137,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gemm, attention, decode, rope or all (repeatable; default gemm)",
     )
     p.add_argument(
-        "--budget", type=float, help="seconds per suite; later cases are listed, not run"
+        "--budget", type=_seconds, help="seconds per suite; later cases are listed, not run"
     )
     p.add_argument("--out", default=".", help="directory for the CSV (and .md / .png)")
     p.add_argument(
@@ -148,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--m",
-        type=int,
+        type=_positive_int,
         action="append",
         help="only this size (repeatable): gemm M, attention S, decode L, rope T",
     )
@@ -186,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="compile every kernel config ahead of time; report codegen")
     p.add_argument("--arch", default="sm_90", choices=["sm_90", "sm_89"])
     p.add_argument("--op", action="append", help="only this op (repeatable)")
-    p.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    p.add_argument("--jobs", type=_positive_int, help="parallel compiles (default: CPU count)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=_inspect)
     return parser

@@ -204,7 +204,9 @@ def test_destination_rules(tmp_path, gen):
     os.makedirs(tmp_path / "notes")
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     for overwrite in (False, True):  # a folder that is not a checkpoint is never replaced
-        with pytest.raises(CheckpointError, match=r"holds other files \(todo.txt"):
+        with pytest.raises(
+            CheckpointError, match=r"holds todo.txt, which a checkpoint writer would not write"
+        ):
             write_checkpoint(str(tmp_path / "notes"), ckpt, overwrite=overwrite)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     os.makedirs(tmp_path / "empty")
@@ -220,7 +222,7 @@ def test_an_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, gen, monkey
     real_replace = os.replace
 
     def replace(a, b):  # the move of the new folder into place fails
-        if ".tmp-" in str(a):
+        if os.path.basename(a) == f"out.tmp-{os.getpid()}":
             raise KeyboardInterrupt
         real_replace(a, b)
 
@@ -229,19 +231,6 @@ def test_an_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, gen, monkey
         write_checkpoint(dst, ckpt, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(dst)) == before
-
-
-def test_a_killed_writer_is_cleaned_up(tmp_path, gen):
-    """A writer killed mid-way leaves <dst>.tmp-<pid> (and, mid-overwrite, <dst>.old-<pid>):
-    the next writer of dst removes them, and puts an old checkpoint back if dst is gone."""
-    ckpt = quantized(gen, "tensor", False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
-    write_checkpoint(str(tmp_path / f"out.old-{dead}"), ckpt)
-    os.makedirs(tmp_path / f"out.tmp-{dead}")
-    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        write_checkpoint(str(tmp_path / "out"), ckpt)  # the old checkpoint came back
-    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, gen, monkeypatch):

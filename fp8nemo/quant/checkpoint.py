@@ -10,30 +10,27 @@ temporary folder renamed into place, and never touch the source checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 
 from . import fp8
+from .files import (
+    CheckpointError,
+    CheckpointWriter,
+    TensorSource,
+    checkpoint_file,
+    field,
+    read_config,
+    read_json,
+)
 
 WRITE_FORMATS = ("compressed-tensors", "fp8")
 HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
-SHARD_BYTES = 4 << 30
-# Source files a written checkpoint does not carry over: the weights it replaces, their
-# index, the config it rewrites, and Mistral's native config (it describes the native weights).
-NOT_CARRIED = re.compile(
-    r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\.msgpack|\.index\.json)$"
-    r"|^(config\.json|params\.json|hf_quant_config\.json)$"
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written as asked."""
 
 
 @dataclass
@@ -63,9 +60,9 @@ class Checkpoint:
     config: dict
     format: str
     activation_scheme: str | None = None  # "static" / "dynamic"; None when unquantized
-    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
-    kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    linears: dict[str, QuantizedLinear] = dataclass_field(default_factory=dict)
+    kv_scales: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
 
     @property
     def schemes(self) -> dict[str, str]:
@@ -88,111 +85,26 @@ class Checkpoint:
 # reading
 
 
-def _read_json(file: str) -> dict:
-    try:
-        with open(file) as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file} is not readable JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object; got {type(data).__name__}")
-    return data
-
-
-class TensorSource:
-    """The tensors of a (sharded) safetensors checkpoint folder, loaded on demand."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        self.path = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        weight_map = None
-        if os.path.exists(index):
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index} has no weight_map")
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise CheckpointError(f"{path} holds no .safetensors weights")
-        self._handles, self._where = {}, {}
-        for name in files:
-            file = os.path.join(path, name)
-            if not os.path.exists(file):
-                raise CheckpointError(f"{file} is listed in the index but missing")
-            try:
-                handle = safe_open(file, framework="pt")
-                keys = list(handle.keys())
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
-            self._handles[file] = handle
-            for key in keys:
-                if key in self._where:
-                    raise CheckpointError(
-                        f"tensor {key} appears in both {self._where[key]} and {file}"
-                    )
-                self._where[key] = file
-        if weight_map is not None:  # the index and the shards must agree, tensor by tensor
-            for key, name in sorted(weight_map.items()):
-                if self._where.get(key) != os.path.join(path, name):
-                    raise CheckpointError(f"{index} lists {key} in {name}, which does not hold it")
-            extra = sorted(self._where.keys() - weight_map.keys())
-            if extra:
-                raise CheckpointError(
-                    f"{self._where[extra[0]]} holds {extra[0]}, which {index} does not list"
-                )
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except KeyError:
-            raise
-        except Exception as err:
-            raise CheckpointError(
-                f"tensor {name} in {self._where[name]} cannot be read: {err}"
-            ) from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
-
-    def dtype_name(self, name: str) -> str:
-        """The safetensors dtype of `name` ("BF16", "F8_E4M3", ...), read from the header."""
-        return self._handles[self._where[name]].get_slice(name).get_dtype()
-
-
-def read_config(path: str) -> dict:
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path} has no config.json")
-    return _read_json(file)
-
-
 def detect_format(path: str, config: dict) -> tuple[str, dict]:
     """(format, its quantization settings) from config.json and hf_quant_config.json."""
-    qc = config.get("quantization_config")
-    modelopt_file = os.path.join(path, HF_QUANT_CONFIG)
-    if qc is None and os.path.exists(modelopt_file):
-        qc = {"quant_method": "modelopt", **(_read_json(modelopt_file).get("quantization") or {})}
+    qc = field(config, "quantization_config", dict, "config.json")
+    modelopt_file = checkpoint_file(path, HF_QUANT_CONFIG)
+    if qc is None and modelopt_file is not None:
+        where = os.path.join(path, HF_QUANT_CONFIG)
+        modelopt = field(read_json(modelopt_file, where), "quantization", dict, where, {})
+        qc = {"quant_method": "modelopt", **modelopt}
     if qc is None:
         return "unquantized", {}
-    method = qc.get("quant_method")
+    where = "config.json quantization_config"
+    method = field(qc, "quant_method", str, where)
     if method == "fp8":
-        return ("fine-grained-fp8" if qc.get("weight_block_size") else "fp8"), qc
+        block = field(qc, "weight_block_size", list, where)
+        return ("fine-grained-fp8" if block else "fp8"), qc
     if method == "compressed-tensors":
-        if qc.get("format") not in ("float-quantized", None) and not _all_groups_float(qc):
+        fmt = field(qc, "format", str, where)
+        if fmt not in ("float-quantized", None) and not _all_groups_float(qc):
             raise CheckpointError(
-                f"compressed-tensors format {qc.get('format')!r} is not FP8 (need float-quantized)"
+                f"compressed-tensors format {fmt!r} is not FP8 (need float-quantized)"
             )
         return "compressed-tensors", qc
     if method == "modelopt":
@@ -207,8 +119,17 @@ def detect_format(path: str, config: dict) -> tuple[str, dict]:
     )
 
 
+def _ct_groups(qc: dict) -> dict[str, dict]:
+    where = "config.json quantization_config"
+    groups = field(qc, "config_groups", dict, where, {})
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise CheckpointError(f"{where}: config_groups.{name} must be dict; got {group!r}")
+    return groups
+
+
 def _all_groups_float(qc):
-    groups = qc.get("config_groups") or {}
+    groups = _ct_groups(qc)
     return bool(groups) and all(
         g.get("format", "float-quantized") == "float-quantized" for g in groups.values()
     )
@@ -216,13 +137,15 @@ def _all_groups_float(qc):
 
 def _ct_scheme(qc: dict) -> tuple[str, str, list]:
     """(weight granularity, activation scheme, ignore) of a compressed-tensors config."""
-    groups = qc.get("config_groups") or {}
+    groups = _ct_groups(qc)
     if len(groups) != 1:
         raise CheckpointError(
             f"compressed-tensors: one config group is supported; got {len(groups)}"
         )
-    (group,) = groups.values()
-    w, a = group.get("weights") or {}, group.get("input_activations")
+    ((group_name, group),) = groups.items()
+    where = f"config.json quantization_config.config_groups.{group_name}"
+    w = field(group, "weights", dict, where, {})
+    a = field(group, "input_activations", dict, where)
     if w.get("type") != "float" or w.get("num_bits") != 8:
         raise CheckpointError(f"compressed-tensors weights must be 8-bit float; got {w}")
     strategy = w.get("strategy")
@@ -231,7 +154,7 @@ def _ct_scheme(qc: dict) -> tuple[str, str, list]:
             f"compressed-tensors weight strategy {strategy!r} is not supported "
             f"(tensor, channel, block)"
         )
-    if strategy == "block" and list(w.get("block_structure") or []) != [fp8.BLOCK, fp8.BLOCK]:
+    if strategy == "block" and w.get("block_structure") != [fp8.BLOCK, fp8.BLOCK]:
         raise CheckpointError(
             f"compressed-tensors block_structure must be [128, 128]; got {w.get('block_structure')}"
         )
@@ -245,12 +168,13 @@ def _ct_scheme(qc: dict) -> tuple[str, str, list]:
         raise CheckpointError(
             f"compressed-tensors activation strategy {a.get('strategy')!r} is not supported"
         )
-    static = not a.get("dynamic", False)
+    static = not field(a, "dynamic", bool, f"{where}.input_activations", False)
     if static and a.get("strategy") != "tensor":
         raise CheckpointError(
             f"static activations must be per tensor; got strategy {a.get('strategy')!r}"
         )
-    return strategy, "static" if static else "dynamic", list(qc.get("ignore") or [])
+    ignore = field(qc, "ignore", list, "config.json quantization_config", [])
+    return strategy, "static" if static else "dynamic", ignore
 
 
 # Where each format keeps the KV-cache scales of attention module A: (k name, v name), in order.
@@ -272,26 +196,20 @@ def read_checkpoint(path: str) -> Checkpoint:
     config = read_config(path)
     fmt, qc = detect_format(path, config)
     src = TensorSource(path)
+    check_dtypes(src, fmt)
     names = set(src.keys())
     ckpt = Checkpoint(config=config, format=fmt)
-    fp8_weights = sorted(n for n in names if n.endswith(".weight") and _is_fp8(src, n))
-    e5m2 = [n for n in fp8_weights if src.dtype_name(n) == "F8_E5M2"]
-    if e5m2:
-        raise CheckpointError(f"{e5m2[0]} is FP8 e5m2; fp8nemo's FP8 weights are e4m3")
     if fmt == "unquantized":
-        if fp8_weights:
-            raise CheckpointError(
-                f"{path} has FP8 tensors ({fp8_weights[0]}, ...) but no quantization_config"
-            )
         ckpt.tensors = {n: src[n] for n in sorted(names)}
         return ckpt
+    fp8_weights = sorted(n for n in names if n.endswith(".weight") and _is_fp8(src, n))
 
     if fmt == "fp8":
         granularity = "tensor"
         ckpt.activation_scheme = _activation_scheme(qc)
     elif fmt == "fine-grained-fp8":
         granularity = "block"
-        if list(qc["weight_block_size"]) != [fp8.BLOCK, fp8.BLOCK]:
+        if qc["weight_block_size"] != [fp8.BLOCK, fp8.BLOCK]:
             raise CheckpointError(
                 f"weight_block_size must be [128, 128]; got {qc['weight_block_size']}"
             )
@@ -315,7 +233,7 @@ def read_checkpoint(path: str) -> Checkpoint:
             f"{module}.weight_scale_inv" if fmt == "fine-grained-fp8" else f"{module}.weight_scale"
         )
         scale = _required(src, scale_name, wname)
-        _check_scale(scale_name, scale, weight.shape, granularity)
+        _check_scale(scale_name, scale, weight, granularity)
         input_scale = None
         if ckpt.activation_scheme == "static":
             in_name = f"{module}.input_scale"
@@ -361,6 +279,36 @@ def read_checkpoint(path: str) -> Checkpoint:
     return ckpt
 
 
+# The safetensors dtypes of a linear weight fp8nemo reads unquantized (and quantizes).
+FLOAT_WEIGHTS = ("BF16", "F16", "F32", "F64")
+
+
+def check_dtypes(src: TensorSource, fmt: str) -> None:
+    """Refuse tensors a checkpoint of format `fmt` cannot hold, before anything reads their
+    data: FP8 e5m2; in a 16-bit checkpoint FP8 tensors and quantization scales; linear weights
+    of any dtype but float (or, in an FP8 checkpoint, e4m3)."""
+    quantized = fmt != "unquantized"
+    for name in src:
+        dtype = src.dtype_name(name)
+        if dtype == "F8_E5M2":
+            raise CheckpointError(f"{name} is FP8 e5m2; fp8nemo's FP8 weights are e4m3")
+        if not quantized and dtype == "F8_E4M3":
+            raise CheckpointError(
+                f"{src.path} has FP8 tensors ({name}, ...) but no quantization_config"
+            )
+        if not quantized and _looks_like_scale(name):
+            raise CheckpointError(
+                f"unexpected tensor {name} in a 16-bit checkpoint: a quantization scale, but "
+                "config.json has no quantization_config"
+            )
+        allowed = FLOAT_WEIGHTS + (("F8_E4M3",) if quantized else ())
+        if is_linear_weight(name, src.shape(name)) and dtype not in allowed:
+            raise CheckpointError(
+                f"{name} is a linear weight of dtype {dtype}; fp8nemo reads float weights "
+                f"({', '.join(FLOAT_WEIGHTS)}){' and e4m3 ones with scales' if quantized else ''}"
+            )
+
+
 def _is_fp8(src: TensorSource, name: str) -> bool:
     return src.dtype_name(name) in ("F8_E4M3", "F8_E5M2")
 
@@ -387,29 +335,36 @@ def _required(src: TensorSource, name: str, owner: str) -> torch.Tensor:
     return src[name]
 
 
-def _check_scale(name, scale, weight_shape=None, granularity="tensor"):
-    """A scale's dtype, shape and values: finite, and positive (a weight's scale, the one given
-    `weight_shape`, may be 0 where its whole group is)."""
+def _check_scale(name, scale, weight=None, granularity="tensor"):
+    """A scale's dtype, shape and values: finite, and positive; a weight's scale (given the
+    `weight`'s codes) may be 0 only where all of its group's codes are. Any one-element scale is
+    a per-tensor scale."""
     if not scale.is_floating_point() or scale.dtype in (fp8.E4M3, torch.float8_e5m2):
         raise CheckpointError(f"{name} must be a float scale; got dtype {scale.dtype}")
     values = scale.float()
-    low = (values < 0) if weight_shape is not None else (values <= 0)
+    low = (values < 0) if weight is not None else (values <= 0)
     bad = ~torch.isfinite(values) | low
     if bad.any():
         raise CheckpointError(
             f"{name} must be finite and positive; holds {values[bad].flatten()[0].item()}"
         )
     if granularity == "tensor":
-        ok = scale.numel() == 1 and scale.dim() <= 1
-        want = "[] or [1]"
+        ok = scale.numel() == 1
+        want = "of one element ([], [1], ...)"
     else:
-        want_shape = fp8.scale_shape(weight_shape, granularity)
+        want_shape = fp8.scale_shape(weight.shape, granularity)
         ok = tuple(scale.shape) == want_shape
         want = str(list(want_shape))
     if not ok:
         raise CheckpointError(
             f"{name} must have shape {want} for a {granularity} scale; got {list(scale.shape)}"
         )
+    if weight is not None and (values == 0).any():
+        zero = values.reshape(fp8.scale_shape(weight.shape, granularity)) == 0
+        if (fp8.amax(weight, granularity)[zero] != 0).any():  # NaN codes count too
+            raise CheckpointError(
+                f"{name} is 0 for a group whose codes are not all 0: it would erase them"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +447,7 @@ def format_tensors(fmt: str, module: str, q: QuantizedLinear) -> list[tuple[str,
             f"{module}.weight must be a 2-D e4m3 tensor; got {q.weight.dtype} "
             f"{list(q.weight.shape)}"
         )
-    _check_scale(f"{module}.weight_scale", q.weight_scale, q.weight.shape, q.granularity)
+    _check_scale(f"{module}.weight_scale", q.weight_scale, q.weight, q.granularity)
     if q.input_scale is not None:
         _check_scale(f"{module}.input_scale", q.input_scale)
     if fmt == "fp8" and q.granularity == "block":
@@ -525,145 +480,6 @@ def kv_tensors(
     for k in ("k_scale", "v_scale"):
         _check_scale(f"{attention}.{k}", scales[k])
     return [(f"{attention}.{k}", scales[k].float().reshape(shape)) for k in ("k_scale", "v_scale")]
-
-
-class CheckpointWriter:
-    """Writes a checkpoint folder atomically: shards go to `<dst>.tmp-<pid>`, which replaces
-    `dst` only when `finish` has written everything; on an error the temporary folder goes.
-    `dst` must be new, empty, or (with `overwrite`) a checkpoint folder, and neither inside
-    the source folder nor holding it.
-
-        with CheckpointWriter(dst, source=src) as out:
-            out.add(name, tensor) ...
-            out.finish(config)
-    """
-
-    def __init__(self, dst: str, *, overwrite: bool = False, source: str | None = None,
-                 shard_bytes: int = SHARD_BYTES):  # fmt: skip
-        dst = os.path.abspath(dst)
-        if source is not None:
-            real_dst, real_src = os.path.realpath(dst), os.path.realpath(source)
-            if os.path.commonpath([real_dst, real_src]) in (real_dst, real_src):
-                raise CheckpointError(
-                    f"the destination {dst} is, holds or lies inside the source checkpoint "
-                    f"{source}; write elsewhere"
-                )
-        _recover_stale(dst)
-        if os.path.exists(dst):
-            if not os.path.isdir(dst):
-                raise CheckpointError(f"the destination {dst} exists and is not a folder")
-            files = sorted(os.listdir(dst))
-            is_checkpoint = "config.json" in files or any(f.endswith(".safetensors") for f in files)
-            if is_checkpoint and not overwrite:
-                raise CheckpointError(
-                    f"the destination {dst} already holds a checkpoint; pass overwrite"
-                )
-            if files and not is_checkpoint:
-                raise CheckpointError(
-                    f"the destination {dst} holds other files ({files[0]}, ...); overwrite "
-                    "replaces only a checkpoint folder"
-                )
-        self.dst, self.source, self.shard_bytes = dst, source, shard_bytes
-        self.tmp = f"{dst}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        self._shard: dict[str, torch.Tensor] = {}
-        self._shard_size = 0
-        self._files: list[dict[str, str]] = []
-        self._names: set[str] = set()
-        self._done = False
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
-            raise CheckpointError(f"tensor {name} written twice")
-        self._names.add(name)
-        size = tensor.numel() * tensor.element_size()
-        if self._shard and self._shard_size + size > self.shard_bytes:
-            self._flush()
-        self._shard[name] = tensor.detach().cpu().contiguous()
-        self._shard_size += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = os.path.join(self.tmp, f"shard-{len(self._files):05d}.safetensors")
-        save_file(self._shard, path, metadata={"format": "pt"})
-        self._files.append({n: os.path.basename(path) for n in self._shard})
-        self._shard, self._shard_size = {}, 0
-
-    def finish(self, config: dict) -> str:
-        """Write the last shard, the index and config.json, copy the source's other files
-        (tokenizer, generation config, model card), and move the folder into place; returns its
-        path."""
-        if self._shard or not self._files:
-            self._flush()
-        n = len(self._files)
-        weight_map = {}
-        for i, names in enumerate(self._files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(
-                os.path.join(self.tmp, f"shard-{i:05d}.safetensors"), os.path.join(self.tmp, final)
-            )
-            weight_map.update(dict.fromkeys(names, final))
-        if n > 1:
-            with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump(
-                    {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
-                )
-        with open(os.path.join(self.tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if self.source is not None:
-            for name in sorted(os.listdir(self.source)):
-                if not NOT_CARRIED.search(name) and os.path.isfile(os.path.join(self.source, name)):
-                    shutil.copy2(os.path.join(self.source, name), os.path.join(self.tmp, name))
-        old = f"{self.dst}.old-{os.getpid()}" if os.path.exists(self.dst) else None
-        try:
-            if old:
-                os.replace(self.dst, old)
-            os.replace(self.tmp, self.dst)
-        except BaseException:
-            if old and os.path.exists(old) and not os.path.exists(self.dst):
-                os.replace(old, self.dst)  # put the old checkpoint back
-            raise
-        self._done = True
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.dst
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _recover_stale(dst: str) -> None:
-    """Clean up after a writer of `dst` that was killed: its temporary folder goes, and an old
-    checkpoint it had moved aside comes back if nothing took its place."""
-    parent, base = os.path.split(dst)
-    if not os.path.isdir(parent):
-        return
-    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)$")
-    for name in sorted(os.listdir(parent)):
-        m = pattern.match(name)
-        if not m or _alive(int(m.group(2))):
-            continue
-        path = os.path.join(parent, name)
-        if m.group(1) == "old" and not os.path.exists(dst):
-            os.replace(path, dst)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, under another user
-        pass
-    return True
 
 
 def write_checkpoint(dst: str, ckpt: Checkpoint, *, format: str = "compressed-tensors",

@@ -6,8 +6,10 @@ calibration runs the whole model, on the GPU when there is one."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ from fp8nemo.utils import progress as show_progress
 from . import fp8
 from .calibrate import WEIGHT_METHODS, Calibrator, calibrate_weight
 from .checkpoint import (
+    FLOAT_WEIGHTS,
     WRITE_FORMATS,
     CheckpointError,
     CheckpointWriter,
     QuantizedLinear,
     TensorSource,
+    check_dtypes,
     detect_format,
     format_tensors,
     is_linear_weight,
@@ -31,6 +35,7 @@ from .checkpoint import (
     quantization_config,
     read_config,
 )
+from .files import field
 
 # Layers kept in 16 bits by default (embeddings are lookups, never quantized). vLLM keeps
 # lm_head in 16 bits whatever the checkpoint says.
@@ -39,7 +44,9 @@ DEFAULT_KEEP = ("lm_head",)
 # one's output size is a multiple of 128.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CALIB_BATCH = 4  # sequences per calibration forward
-FLOATS = ("BF16", "F16", "F32")  # the safetensors dtypes of weights to quantize
+# config.json sizes that must be positive ints (and agree with the tensors where they show).
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")  # fmt: skip
 
 
 @dataclass
@@ -67,7 +74,7 @@ def linear_weights(src: TensorSource, keep: Iterable[str]) -> tuple[list[str], l
             raise CheckpointError(f"keep pattern {pattern!r} is not a regex: {err}") from None
     quantize, kept = [], []
     for name in src:
-        if not is_linear_weight(name, src.shape(name)) or src.dtype_name(name) not in FLOATS:
+        if not is_linear_weight(name, src.shape(name)) or src.dtype_name(name) not in FLOAT_WEIGHTS:
             continue
         is_kept = any(p.search(name) for p in patterns)
         (kept if is_kept else quantize).append(name[: -len(".weight")])
@@ -103,11 +110,37 @@ def check_layers(quantized: list[str], kept: list[str], shapes: dict, scheme: st
         )
 
 
-def load_calibration(path: str) -> torch.Tensor:
-    """Token ids `[sequences, length]` (int) from a .safetensors file ("input_ids") or a file
-    torch.load reads (a tensor or a dict with "input_ids")."""
+def check_sizes(config: dict, src: TensorSource) -> None:
+    """config.json's sizes are positive ints and agree with the tensors present (layer count,
+    embedding shape), so a hostile config cannot make calibration build a huge model."""
+    for key in SIZES:
+        value = field(config, key, int, "config.json")
+        if value is not None and value <= 0:
+            raise CheckpointError(f"config.json: {key} must be positive; got {value}")
+    layers = {int(m.group(1)) for n in src if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
+    n_layers = config.get("num_hidden_layers")
+    if n_layers is not None and layers and layers != set(range(n_layers)):
+        held = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) else "other layers"
+        raise CheckpointError(
+            f"config.json: num_hidden_layers = {n_layers}, but the checkpoint holds {held} "
+            f"({len(layers)} in all)"
+        )
+    embed = next((n for n in src if n.endswith("embed_tokens.weight")), None)
+    if embed is not None and len(src.shape(embed)) == 2:
+        rows, cols = src.shape(embed)
+        for key, held in (("vocab_size", rows), ("hidden_size", cols)):
+            if config.get(key) is not None and config[key] != held:
+                raise CheckpointError(
+                    f"config.json: {key} = {config[key]}, but {embed} is {rows} x {cols}"
+                )
+
+
+def load_calibration(path: str, vocab_size: int | None = None) -> torch.Tensor:
+    """Token ids `[sequences, length]` (int, each in [0, vocab_size)) from a .safetensors file
+    ("input_ids") or a file torch.load reads (a tensor or a dict with "input_ids")."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"calibration file {path} does not exist")
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"calibration file {path} {what}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -122,19 +155,55 @@ def load_calibration(path: str) -> torch.Tensor:
         raise CheckpointError(
             f"{path} must hold integer input_ids [sequences, length]; got {type(ids).__name__}"
         )
+    if ids.dtype == torch.bool or ids.is_complex() or ids.numel() == 0:
+        raise CheckpointError(
+            f"{path}: input_ids must be a non-empty integer [sequences, length]; got "
+            f"{ids.dtype} {list(ids.shape)}"
+        )
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise CheckpointError(
+            f"{path}: input_ids must lie in [0, vocab_size = {vocab_size}); got values in "
+            f"[{lo}, {hi}]"
+        )
     return ids.long()
 
 
+def calibration_device(device: str | None) -> torch.device:
+    """Where static calibration runs: `device`, checked, or the GPU if there is one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CheckpointError(f"device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"device must be cpu or cuda[:index]; got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return dev
+
+
 def calibrate_checkpoint(
-    src: str,
+    src: TensorSource,
+    config: dict,
     input_ids: torch.Tensor,
     modules: set[str],
     observer: str = "absmax",
-    device: str | None = None,
+    device: torch.device | None = None,
 ):
     """Static input scales of `modules` and KV-cache scales, from running the checkpoint on
     `input_ids` on `device` (default: the GPU if there is one). The model runs through HF
-    transformers until fp8nemo's own model lands."""
+    transformers until fp8nemo's own model lands, on exactly the tensors of `src` (the ones
+    being converted): its shards are linked into a temporary folder with an index listing
+    them and `config`, so no other weight file of the source folder is read."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -142,8 +211,25 @@ def calibrate_checkpoint(
             "static activations need calibration runs of the model, which need HF transformers "
             "(pip install transformers) until fp8nemo's model wrapper exists"
         ) from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto").to(device)
+    device = device or calibration_device(None)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, real in src.files.items():
+            os.symlink(real, os.path.join(folder, name))
+        index = {"metadata": {}, "weight_map": {t: src.shard_of(t) for t in src}}
+        with open(os.path.join(folder, TensorSource.INDEX), "w") as f:
+            json.dump(index, f)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype="auto", use_safetensors=True, output_loading_info=True
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CheckpointError(
+            f"calibration: the model config.json describes needs {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}, which {src.path} does not hold"
+        )
+    model = model.to(device)
     calib = Calibrator(model, observer, linear_filter=lambda name, _: name in modules)
     batches = [input_ids[i : i + CALIB_BATCH] for i in range(0, input_ids.shape[0], CALIB_BATCH)]
     calib.run(batches, forward=lambda model, ids: model(ids.to(device)))
@@ -183,11 +269,16 @@ def quantize_checkpoint(
         )
     if not static and calib is not None:
         raise CheckpointError("calibration data applies to static activations only")
+    if not static and device is not None:
+        raise CheckpointError("device applies to static activations (calibration) only")
+    device = calibration_device(device) if static else None
     config = read_config(src)
     fmt, _ = detect_format(src, config)
     if fmt != "unquantized":
         raise CheckpointError(f"{src} is already quantized ({fmt}); quantize a 16-bit checkpoint")
     source = TensorSource(src)
+    check_dtypes(source, fmt)  # what read_checkpoint would refuse in the output, refused here
+    check_sizes(config, source)
     modules, kept = linear_weights(source, tuple(keep))
     if not modules:
         raise CheckpointError(f"{src} has no 16-bit linear weights to quantize")
@@ -198,8 +289,9 @@ def quantize_checkpoint(
 
     input_scales, kv_scales = {}, {}
     if static:
+        ids = load_calibration(calib, config.get("vocab_size"))
         input_scales, kv_scales = calibrate_checkpoint(
-            src, load_calibration(calib), set(modules), observer, device
+            source, config, ids, set(modules), observer, device
         )
         missing = sorted(set(modules) - input_scales.keys())
         if missing:

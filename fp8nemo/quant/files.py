@@ -1,0 +1,507 @@
+"""The files of a checkpoint folder: read as hostile input, written without touching what the
+user owns.
+
+Every file fp8nemo reads from a checkpoint goes through `checkpoint_file`: a plain file name, a
+real path inside the folder (an HF cache snapshot's links into its own `blobs/` count as inside)
+and a regular file. Every folder it writes is built as `<dst>.tmp-<pid>`, which holds the
+writer's marker (`fp8nemo.json`) from its first moment and is renamed into place when complete;
+only folders that carry that marker are ever cleaned up after a killed writer, and only a
+checkpoint folder is ever replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import warnings
+
+import torch
+
+SHARD_BYTES = 4 << 30
+MAX_JSON_BYTES = 64 << 20  # a config or index is KBs; a bigger "JSON" file is not one
+MARKER = "fp8nemo.json"  # the writer's marker and manifest, in every folder it writes
+# Source files a written checkpoint does not carry over: the weights it replaces, their
+# index, the config it rewrites, Mistral's native config (it describes the native weights) and
+# the source's own marker.
+NOT_CARRIED = re.compile(
+    r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\.msgpack|\.index\.json)$"
+    r"|^(config\.json|params\.json|hf_quant_config\.json|fp8nemo\.json)$"
+)
+# What a checkpoint folder holds (besides what a marker lists): a folder holding anything else
+# is somebody's, and is never replaced.
+CHECKPOINT_FILES = re.compile(
+    r".+\.safetensors|.+\.safetensors\.index\.json|config\.json|generation_config\.json"
+    r"|hf_quant_config\.json|params\.json|recipe\.yaml|preprocessor_config\.json"
+    r"|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|tekken\.json|vocab\.(json|txt)"
+    r"|merges\.txt|special_tokens_map\.json|added_tokens\.json|chat_template\.(json|jinja)"
+    rf"|{re.escape(MARKER)}"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _roots(folder: str) -> list[str]:
+    """Where the real paths of a checkpoint's files may lie: the folder, and for an HF cache
+    snapshot (`models--<org>--<name>/snapshots/<rev>`) the repository's `blobs/`."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    snapshots = os.path.dirname(real)
+    repo = os.path.dirname(snapshots)
+    blobs = os.path.join(repo, "blobs")
+    if (
+        os.path.basename(snapshots) == "snapshots"
+        and os.path.basename(repo).startswith("models--")
+        and os.path.isdir(blobs)
+    ):
+        roots.append(os.path.realpath(blobs))
+    return roots
+
+
+def checkpoint_file(folder: str, name: object) -> str | None:
+    """The real path of the file `name` of the checkpoint folder `folder`, or None when there
+    is no such entry. CheckpointError for a name that leaves the folder (a path, `..`), a link
+    whose target lies outside it (see `_roots`), or anything but a regular file."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or os.path.basename(name) != name
+        or "\0" in name
+    ):
+        raise CheckpointError(f"{name!r} is not the name of a file in the checkpoint {folder}")
+    path = os.path.join(folder, name)
+    if not os.path.lexists(path):
+        return None
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, root]) == root for root in _roots(folder)):
+        raise CheckpointError(f"{path} links to {real}, outside the checkpoint folder")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is not a regular file")
+    return real
+
+
+def read_json(file: str, what: str | None = None) -> dict:
+    """A JSON object from `file` (a path `checkpoint_file` gave, or the user's own);
+    CheckpointError naming `what` (default: the file) for anything else."""
+    what = what or file
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{what} is over {MAX_JSON_BYTES >> 20} MiB: not a config")
+        data = json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{what} nests too deeply to be a config") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{what} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} must hold a JSON object; got {type(data).__name__}")
+    return data
+
+
+def field(data: dict, key: str, types: type | tuple[type, ...], where: str, default=None):
+    """`data[key]` (or `default` when absent or null), CheckpointError naming `where` and the
+    key unless it is of `types` (bool never counts as int)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        allowed = " or ".join(t.__name__ for t in types)
+        raise CheckpointError(f"{where}: {key} must be {allowed}; got {value!r}")
+    return value
+
+
+def read_config(path: str) -> dict:
+    file = checkpoint_file(path, "config.json")
+    if file is None:
+        raise CheckpointError(f"{path} has no config.json")
+    return read_json(file, os.path.join(path, "config.json"))
+
+
+class TensorSource:
+    """The tensors of a (sharded) safetensors checkpoint folder, loaded on demand."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        index = os.path.join(path, self.INDEX)
+        index_file = checkpoint_file(path, self.INDEX)
+        weight_map = None
+        if index_file is not None:
+            weight_map = field(read_json(index_file, index), "weight_map", dict, index)
+            if weight_map is None:
+                raise CheckpointError(f"{index} has no weight_map")
+            bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+            if bad is not None:
+                raise CheckpointError(f"{index}: weight_map values must be file names; got {bad!r}")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{path} holds no .safetensors weights")
+        self._handles, self._where = {}, {}
+        self.files: dict[str, str] = {}  # shard name -> its real path (for readers that link)
+        for name in files:
+            file = os.path.join(path, name)
+            real = checkpoint_file(path, name)
+            if real is None:
+                raise CheckpointError(f"{file} is listed in the index but missing")
+            try:
+                handle = safe_open(real, framework="pt")
+                keys = list(handle.keys())
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
+            self._handles[file] = handle
+            self.files[name] = real
+            for key in keys:
+                if key in self._where:
+                    raise CheckpointError(
+                        f"tensor {key} appears in both {self._where[key]} and {file}"
+                    )
+                self._where[key] = file
+        if weight_map is not None:  # the index and the shards must agree, tensor by tensor
+            for key, name in sorted(weight_map.items()):
+                if self._where.get(key) != os.path.join(path, name):
+                    raise CheckpointError(f"{index} lists {key} in {name}, which does not hold it")
+            extra = sorted(self._where.keys() - weight_map.keys())
+            if extra:
+                raise CheckpointError(
+                    f"{self._where[extra[0]]} holds {extra[0]}, which {index} does not list"
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except KeyError:
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"tensor {name} in {self._where[name]} cannot be read: {err}"
+            ) from None
+
+    def shard_of(self, name: str) -> str:
+        """The shard file name that holds tensor `name`."""
+        return os.path.basename(self._where[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype of `name` ("BF16", "F8_E4M3", ...), read from the header."""
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _read_marker(folder: str) -> dict | None:
+    """The writer's marker in `folder`, or None when it has none (or not one of ours)."""
+    file = os.path.join(folder, MARKER)
+    if not os.path.isfile(file) or os.path.islink(file):
+        return None
+    try:
+        marker = read_json(file)
+    except CheckpointError:
+        return None
+    ok = (
+        marker.get("writer") == "fp8nemo"
+        and isinstance(marker.get("pid"), int)
+        and isinstance(marker.get("dst"), str)
+        and isinstance(marker.get("files", []), list)
+    )
+    return marker if ok else None
+
+
+def _write_marker(folder: str, marker: dict) -> None:
+    tmp = os.path.join(folder, f".{MARKER}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(marker, f, indent=1)
+    os.replace(tmp, os.path.join(folder, MARKER))
+
+
+def _foreign(folder: str) -> list[str]:
+    """What in `folder` a checkpoint writer would not have written: entries outside
+    CHECKPOINT_FILES and the marker's own list, and anything but a (linked) file."""
+    marker = _read_marker(folder)
+    listed = set(marker.get("files", ())) if marker else set()
+    return [
+        name
+        for name in sorted(os.listdir(folder))
+        if not os.path.isfile(os.path.join(folder, name))
+        or not (name in listed or CHECKPOINT_FILES.fullmatch(name))
+    ]
+
+
+def _is_checkpoint(folder: str) -> bool:
+    names = os.listdir(folder)
+    return "config.json" in names and any(n.endswith(".safetensors") for n in names)
+
+
+def check_destination(dst: str, overwrite: bool) -> bool:
+    """CheckpointError unless the writer may put a checkpoint at `dst`: a new path, an empty
+    folder, or with `overwrite` a checkpoint folder holding nothing a writer would not have
+    written. Returns whether dst is to be replaced."""
+    if not os.path.lexists(dst):
+        return False
+    if os.path.islink(dst) or not os.path.isdir(dst):
+        raise CheckpointError(f"the destination {dst} exists and is not a folder")
+    if not os.listdir(dst):
+        return False
+    foreign = _foreign(dst)
+    if foreign or not _is_checkpoint(dst):
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            why = f"holds {', '.join(foreign[:5])}{more}, which a checkpoint writer would not write"
+        else:
+            why = "is not a checkpoint folder (no config.json and safetensors)"
+        raise CheckpointError(
+            f"the destination {dst} {why}; fp8nemo writes into a new or empty folder, and "
+            "replaces (with overwrite) only a checkpoint folder: config.json, safetensors, "
+            "tokenizer files, or what fp8nemo wrote there"
+        )
+    if not overwrite:
+        raise CheckpointError(f"the destination {dst} already holds a checkpoint; pass overwrite")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        pass
+    return True
+
+
+def _recover_stale(dst: str) -> bool:
+    """Clean up after a writer of `dst` that was killed, touching only folders its marker
+    claims: its `<dst>.tmp-<pid>` goes, an old checkpoint it had moved aside comes back if
+    nothing took its place (or goes, if its replacement is in place). Returns whether an old
+    checkpoint came back."""
+    parent, base = os.path.split(dst)
+    if not os.path.isdir(parent):
+        return False
+    restored = False
+    pattern = re.compile(re.escape(base) + r"\.tmp-(\d+)")
+    for name in sorted(os.listdir(parent)):
+        m = pattern.fullmatch(name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        tmp = os.path.join(parent, name)
+        marker = _read_marker(tmp)
+        if marker is None or marker["pid"] != int(m.group(1)) or marker["dst"] != base:
+            continue  # not a folder this writer made
+        old = marker.get("old")
+        if old and marker.get("state") == "swapping" and not os.path.lexists(dst):
+            old = os.path.join(parent, old)
+            if os.path.isdir(old):
+                os.replace(old, dst)  # put the old checkpoint back
+                restored = True
+        shutil.rmtree(tmp, ignore_errors=True)
+    marker = _read_marker(dst) if os.path.isdir(dst) else None
+    if marker and marker.get("state") == "swapping" and not _alive(marker["pid"]):
+        # The swap was done, the cleanup was not: the old folder is the replaced checkpoint.
+        if marker.get("old") and os.path.isdir(os.path.join(parent, marker["old"])):
+            shutil.rmtree(os.path.join(parent, marker["old"]), ignore_errors=True)
+        _write_marker(dst, {**marker, "state": "done", "old": None})
+    return restored
+
+
+def _os_error(what: str, err: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot {what}: {err.strerror or err}")
+
+
+class CheckpointWriter:
+    """Writes a checkpoint folder atomically: shards go to `<dst>.tmp-<pid>` (marked as the
+    writer's from the start), which replaces `dst` only when `finish` has written everything;
+    on an error the temporary folder goes. `dst` must be new, empty, or (with `overwrite`) a
+    checkpoint folder — checked at the start and again at the swap — and neither inside the
+    source folder nor holding it.
+
+        with CheckpointWriter(dst, source=src) as out:
+            out.add(name, tensor) ...
+            out.finish(config)
+    """
+
+    def __init__(self, dst: str, *, overwrite: bool = False, source: str | None = None,
+                 shard_bytes: int = SHARD_BYTES):  # fmt: skip
+        dst = os.path.abspath(dst)
+        if source is not None:
+            real_dst, real_src = os.path.realpath(dst), os.path.realpath(source)
+            if os.path.commonpath([real_dst, real_src]) in (real_dst, real_src):
+                raise CheckpointError(
+                    f"the destination {dst} is, holds or lies inside the source checkpoint "
+                    f"{source}; write elsewhere"
+                )
+        parent = os.path.dirname(dst)
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            raise CheckpointError(f"the destination's parent {parent} is not a folder")
+        check_destination(dst, overwrite)
+        if _recover_stale(dst):  # an old checkpoint came back: the rules apply to it
+            check_destination(dst, overwrite)
+        self.dst, self.source, self.shard_bytes = dst, source, shard_bytes
+        self.overwrite = overwrite
+        self.tmp = f"{dst}.tmp-{os.getpid()}"
+        self._marker = {"writer": "fp8nemo", "pid": os.getpid(), "dst": os.path.basename(dst),
+                        "state": "writing", "old": None, "files": []}  # fmt: skip
+        try:
+            if os.path.lexists(self.tmp):  # an earlier writer of this process left it
+                marker = _read_marker(self.tmp)
+                if not marker or marker["pid"] != os.getpid():
+                    raise CheckpointError(f"{self.tmp} is in the way; move it")
+                shutil.rmtree(self.tmp)
+            os.makedirs(self.tmp)
+            _write_marker(self.tmp, self._marker)
+        except BaseException as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise _os_error(f"create {self.tmp}", err) from None
+            raise
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_size = 0
+        self._files: list[dict[str, str]] = []
+        self._names: set[str] = set()
+        self._done = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise CheckpointError(f"tensor {name} written twice")
+        self._names.add(name)
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._shard_size + size > self.shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.detach().cpu().contiguous()
+        self._shard_size += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.tmp, f"shard-{len(self._files):05d}.safetensors")
+        try:
+            save_file(self._shard, path, metadata={"format": "pt"})
+        except OSError as err:
+            raise _os_error(f"write {path}", err) from None
+        except Exception as err:  # safetensors reports I/O failures as its own error type
+            raise CheckpointError(f"cannot write {path}: {err}") from None
+        self._files.append({n: os.path.basename(path) for n in self._shard})
+        self._shard, self._shard_size = {}, 0
+
+    def finish(self, config: dict) -> str:
+        """Write the last shard, the index and config.json, copy the source's other files
+        (tokenizer, generation config, model card), and move the folder into place; returns its
+        path."""
+        if self._shard or not self._files:
+            self._flush()
+        try:
+            self._write_rest(config)
+        except OSError as err:
+            raise _os_error(f"write {self.tmp}", err) from None
+        self._swap()
+        self._done = True
+        return self.dst
+
+    def _write_rest(self, config: dict) -> None:
+        n = len(self._files)
+        weight_map = {}
+        for i, names in enumerate(self._files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(
+                os.path.join(self.tmp, f"shard-{i:05d}.safetensors"), os.path.join(self.tmp, final)
+            )
+            weight_map.update(dict.fromkeys(names, final))
+        if n > 1:
+            with open(os.path.join(self.tmp, TensorSource.INDEX), "w") as f:
+                json.dump(
+                    {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
+                )
+        with open(os.path.join(self.tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if self.source is not None:
+            self._carry()
+        self._marker["files"] = sorted(set(os.listdir(self.tmp)) - {MARKER})
+        _write_marker(self.tmp, self._marker)
+
+    def _carry(self) -> None:
+        """Copy the source's other files: regular files inside the source only (a link to
+        /proc/self/environ or ~/.ssh must not end up in a folder people upload)."""
+        for name in sorted(os.listdir(self.source)):
+            path = os.path.join(self.source, name)
+            if NOT_CARRIED.search(name) or (os.path.isdir(path) and not os.path.islink(path)):
+                continue
+            try:
+                real = checkpoint_file(self.source, name)
+            except CheckpointError as err:
+                warnings.warn(f"not carried into the new checkpoint: {err}", stacklevel=4)
+                continue
+            if real is not None:
+                shutil.copyfile(real, os.path.join(self.tmp, name))
+
+    def _swap(self) -> None:
+        """Move the finished folder into place, checking `dst` again first: nothing the user
+        put there during the run may be lost."""
+        replace = check_destination(self.dst, self.overwrite)
+        old = f"{self.dst}.old-{os.getpid()}"
+        if replace and os.path.lexists(old):
+            raise CheckpointError(f"{old} is in the way of moving the old checkpoint aside")
+        if replace:
+            self._marker.update(state="swapping", old=os.path.basename(old))
+            _write_marker(self.tmp, self._marker)
+        try:
+            if replace:
+                os.replace(self.dst, old)
+                foreign = _foreign(old)  # written to in the instant since the check
+                if foreign:
+                    os.replace(old, self.dst)
+                    raise CheckpointError(
+                        f"{self.dst} changed during the run (it now holds {', '.join(foreign)}); "
+                        "nothing was replaced"
+                    )
+            try:
+                os.replace(self.tmp, self.dst)
+            except OSError as err:
+                raise CheckpointError(
+                    f"cannot move the new checkpoint to {self.dst}: {err.strerror} (did "
+                    "something appear there during the run?)"
+                ) from None
+        except BaseException:
+            if replace and os.path.isdir(old) and not os.path.lexists(self.dst):
+                os.replace(old, self.dst)  # put the old checkpoint back
+            raise
+        if replace:
+            shutil.rmtree(old, ignore_errors=True)
+            self._marker.update(state="done", old=None)
+            _write_marker(self.dst, self._marker)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
