@@ -150,3 +150,11 @@ def fp8_fixture(path, fmt, gen):
         config["quantization_config"] = qc
     write(path, config, tensors, hf_quant)
     return want, inputs, kv
+
+
+def static_source(tmp_path, gen, sequences, length):
+    """A 16-bit checkpoint and a calibration file of random token ids for it."""
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, VOCAB, (sequences, length), generator=gen)}, calib)
+    return src, calib

@@ -8,7 +8,15 @@ import sys
 
 import pytest
 import torch
-from checkpoints import FORMATS, bf16_tensors, fp8_fixture, hf_config, linear_names, write
+from checkpoints import (
+    FORMATS,
+    bf16_tensors,
+    fp8_fixture,
+    hf_config,
+    linear_names,
+    static_source,
+    write,
+)
 from safetensors.torch import load_file, save_file
 
 from fp8nemo.quant import fp8
@@ -349,14 +357,6 @@ def test_quantize_recovers_qat_weights_exactly(tmp_path, gen):
     deq = read_checkpoint(str(tmp_path / "dst")).dequantize()
     for name in linear_names():
         assert torch.equal(deq[f"{name}.weight"].bfloat16(), tensors[f"{name}.weight"])
-
-
-def static_source(tmp_path, gen, sequences, length):
-    """A 16-bit checkpoint and a calibration file of random token ids for it."""
-    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
-    calib = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 96, (sequences, length), generator=gen)}, calib)
-    return src, calib
 
 
 def test_quantize_static_activations_calibrates_through_transformers(tmp_path, gen):

@@ -119,8 +119,9 @@ def check_sizes(config: dict, src: TensorSource) -> None:
             raise CheckpointError(f"config.json: {key} must be positive; got {value}")
     layers = {int(m.group(1)) for n in src if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
     n_layers = config.get("num_hidden_layers")
-    if n_layers is not None and layers and layers != set(range(n_layers)):
-        held = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) else "other layers"
+    # Distinct ints >= 0: they are range(n) when there are n of them and the largest is n - 1.
+    if n_layers is not None and layers and (len(layers), max(layers)) != (n_layers, n_layers - 1):
+        held = f"layers 0..{max(layers)}" if max(layers) == len(layers) - 1 else "other layers"
         raise CheckpointError(
             f"config.json: num_hidden_layers = {n_layers}, but the checkpoint holds {held} "
             f"({len(layers)} in all)"
