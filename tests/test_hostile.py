@@ -286,38 +286,29 @@ def tag_of(dst):
     return json.loads((dst / "config.json").read_text())["tag"]
 
 
-def test_a_writer_killed_while_writing_is_cleaned_up(tmp_path):
+# stage killed at -> (what the kill leaves beside "out", whether out exists and its tag, and
+# what stays after a refused run: a refused run touches nothing, except that an old checkpoint
+# moved aside comes back so the rules can apply to it)
+KILLS = {
+    "writing": (["out", "out.tmp-{pid}"], "old", ["out", "out.tmp-{pid}"], "old"),
+    "moved-aside": (["out.old-{pid}", "out.tmp-{pid}"], None, ["out"], "old"),
+    "swapped": (["out", "out.old-{pid}"], "new", ["out", "out.old-{pid}"], "new"),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILLS))
+def test_a_killed_writer_is_recovered_from_its_marker(stage, tmp_path):
     dst = tmp_path / "out"
     write_tagged(dst, "old")
-    pid = killed_writer(dst, "writing", "new")
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp-{pid}"]
-    assert json.loads((tmp_path / f"out.tmp-{pid}" / MARKER).read_text())["state"] == "writing"
+    pid = killed_writer(dst, stage, "new")
+    left, tag, after_refusal, tag_after = KILLS[stage]
+    assert sorted(os.listdir(tmp_path)) == [n.format(pid=pid) for n in left]
+    assert (tag_of(dst) if dst.exists() else None) == tag
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        write_tagged(dst, "next")  # a refused run touches nothing
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp-{pid}"] and tag_of(dst) == "old"
-    write_tagged(dst, "next", overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["out"] and tag_of(dst) == "next"
-
-
-def test_a_writer_killed_after_moving_the_old_checkpoint_aside_puts_it_back(tmp_path):
-    dst = tmp_path / "out"
-    write_tagged(dst, "old")
-    pid = killed_writer(dst, "moved-aside", "new")
-    assert sorted(os.listdir(tmp_path)) == [f"out.old-{pid}", f"out.tmp-{pid}"]
-    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        write_tagged(dst, "next")  # the old checkpoint came back, and is not replaced
-    assert sorted(os.listdir(tmp_path)) == ["out"] and tag_of(dst) == "old"
-
-
-def test_a_writer_killed_after_the_swap_leaves_the_new_checkpoint(tmp_path):
-    dst = tmp_path / "out"
-    write_tagged(dst, "old")
-    pid = killed_writer(dst, "swapped", "new")
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.old-{pid}"] and tag_of(dst) == "new"
-    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        write_tagged(dst, "next")  # a refused run touches nothing
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.old-{pid}"] and tag_of(dst) == "new"
-    write_tagged(dst, "next", overwrite=True)
+        write_tagged(dst, "next")
+    assert sorted(os.listdir(tmp_path)) == [n.format(pid=pid) for n in after_refusal]
+    assert tag_of(dst) == tag_after
+    write_tagged(dst, "next", overwrite=True)  # a run that proceeds cleans up
     assert sorted(os.listdir(tmp_path)) == ["out"] and tag_of(dst) == "next"
 
 
