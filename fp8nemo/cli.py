@@ -108,7 +108,7 @@ def _inspect(args) -> int:
     start = time.perf_counter()
     try:
         rows = codegen.inspect_kernels(args.arch, ops=args.op, jobs=args.jobs, progress=progress)
-    except (codegen.InspectError, ValueError) as err:
+    except codegen.InspectError as err:
         return _error(str(err))
     if args.json:
         json.dump(rows, sys.stdout, indent=1)

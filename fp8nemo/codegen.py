@@ -132,8 +132,8 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
 
 
 def collect_specs(cap: int, ops: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
-    """(module, index) of every spec for `cap`, so worker processes can rebuild them; a
-    ValueError for a name in `ops` that no kernel has (a gate that checks nothing must fail)."""
+    """(module, index) of every spec for `cap`, so worker processes can rebuild them; an
+    InspectError for a name in `ops` that no kernel has (a gate that checks nothing must fail)."""
     found, known = [], set()
     for module in KERNEL_MODULES:
         specs = importlib.import_module(module).aot_specs(cap)
@@ -141,7 +141,9 @@ def collect_specs(cap: int, ops: tuple[str, ...] | None = None) -> list[tuple[st
         found += [(module, i) for i, s in enumerate(specs) if ops is None or s.op in ops]
     unknown = sorted(set(ops or ()) - known)
     if unknown:
-        raise ValueError(f"unknown op {', '.join(unknown)}; the ops are {', '.join(sorted(known))}")
+        raise InspectError(
+            f"unknown op {', '.join(unknown)}; the ops are {', '.join(sorted(known))}"
+        )
     return found
 
 

@@ -324,8 +324,97 @@ def test_a_marker_of_another_checkpoint_claims_nothing(tmp_path):
     assert (fake / "data.csv").read_text() == "1,2,3"
 
 
+def crafted_marker(folder, **fields):
+    """A marker as a writer of `out` would leave it, with `fields` changed."""
+    if not (folder.parent / "model").exists():
+        write_tagged(folder.parent / "model", "x")
+    marker = json.loads((folder.parent / "model" / MARKER).read_text())
+    marker.update(dst="out", pid=dead_pid(), state="swapping", **fields)
+    os.makedirs(folder, exist_ok=True)
+    (folder / MARKER).write_text(json.dumps(marker))
+    return marker
+
+
+@pytest.mark.parametrize("where", ["dst", "tmp"])
+@pytest.mark.parametrize("old", ["victim", "../victim", "/abs"])
+def test_a_marker_cannot_point_recovery_at_another_folder(where, old, tmp_path):
+    victim = tmp_path / "victim" if old != "/abs" else tmp_path / "abs"
+    os.makedirs(victim)
+    (victim / "keep.txt").write_text("mine")
+    dst = tmp_path / "out"
+    if where == "dst":
+        write_tagged(dst, "old")
+        crafted_marker(dst, old=str(victim) if old == "/abs" else old, files=["config.json"])
+    else:
+        m = crafted_marker(tmp_path / "scratch", old=str(victim) if old == "/abs" else old)
+        os.replace(tmp_path / "scratch", tmp_path / f"out.tmp-{m['pid']}")
+    write_tagged(dst, "new", overwrite=True)
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_recovery_skips_what_it_cannot_own(tmp_path):
+    """A pid too large for the OS, a marker of another machine, a malformed file list."""
+    (tmp_path / "out.tmp-99999999999999999999").mkdir()
+    crafted_marker(tmp_path / "host", host="another-machine")
+    crafted_marker(tmp_path / "files", files=[["notes.md"]])
+    for name in ("host", "files"):
+        pid = json.loads((tmp_path / name / MARKER).read_text())["pid"]
+        os.replace(tmp_path / name, tmp_path / f"out.tmp-{pid}")
+    before = sorted(os.listdir(tmp_path))
+    write_tagged(tmp_path / "out", "new")
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "out"])
+
+
+def test_an_hf_cache_whose_blobs_is_a_link_is_not_trusted(tmp_path, gen):
+    snap = hf_cache_snapshot(tmp_path, gen)
+    home = tmp_path / "home"
+    os.makedirs(home / ".ssh")
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    blobs = snap.parent.parent / "blobs"
+    os.replace(blobs, home / "blobs")  # the real blobs move under home, and blobs links to home
+    os.symlink(home, blobs)
+    for name in os.listdir(snap):
+        target = os.readlink(snap / name).replace("blobs", os.path.join("blobs", "blobs"))
+        os.remove(snap / name)
+        os.symlink(target, snap / name)
+    os.symlink(os.path.join("..", "..", "blobs", ".ssh", "id_rsa"), snap / "README.md")
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        read_checkpoint(str(snap))
+
+
+def test_a_full_disk_after_the_swap_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+    from fp8nemo.quant import files
+
+    dst = tmp_path / "out"
+    write_tagged(dst, "old")
+    real = files._write_marker
+
+    def disk_full_after_the_swap(folder, marker):
+        if marker["state"] == "done":
+            raise OSError(28, "No space left on device")
+        real(folder, marker)
+
+    monkeypatch.setattr(files, "_write_marker", disk_full_after_the_swap)
+    write_tagged(dst, "new", overwrite=True)
+    monkeypatch.undo()
+    assert tag_of(dst) == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+    write_tagged(dst, "next", overwrite=True)  # the marker left "swapping": still replaceable
+    assert tag_of(dst) == "next"
+
+
+def test_a_huge_integer_in_json_is_a_clear_error(tmp_path, gen):
+    src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
+    (src / "config.json").write_text('{"vocab_size": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="config.json is not readable JSON"):
+        read_checkpoint(str(src))
+
+
+@pytest.mark.parametrize("name", ["notes.md", "chat_template.jinja", "model.safetensors"])
 @pytest.mark.parametrize("start", ["absent", "empty", "checkpoint"])
-def test_a_file_put_into_the_destination_during_the_run_is_kept(start, tmp_path, gen, monkeypatch):
+def test_a_file_put_into_the_destination_during_the_run_is_kept(
+    start, name, tmp_path, gen, monkeypatch
+):
+    """Whatever its name: one that a checkpoint could hold is the user's too."""
     src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
     dst = tmp_path / "dst"
     if start == "empty":
@@ -336,14 +425,13 @@ def test_a_file_put_into_the_destination_during_the_run_is_kept(start, tmp_path,
 
     def user_writes_meanwhile(self, config):
         os.makedirs(dst, exist_ok=True)
-        (dst / "notes.md").write_text("written during the run")
+        (dst / name).write_text("written during the run")
         real(self, config)
 
     monkeypatch.setattr(CheckpointWriter, "_write_rest", user_writes_meanwhile)
-    match = "holds notes.md" if start == "checkpoint" else "already holds|holds notes.md"
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match="dst changed during the run; nothing was replaced"):
         quantize(src, dst, overwrite=start == "checkpoint")
-    assert (dst / "notes.md").read_text() == "written during the run"
+    assert (dst / name).read_text() == "written during the run"
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]  # no temporary folder left
 
 
@@ -420,25 +508,35 @@ def test_static_calibration_reads_exactly_the_converted_tensors(layout, tmp_path
         assert all(torch.equal(got.kv_scales[attn][k], scales[k]) for k in scales), attn
 
 
-@pytest.mark.parametrize(
-    "key, value, match",
-    [
-        (
-            "num_hidden_layers",
-            10**9,
-            "num_hidden_layers = 1000000000, but the checkpoint holds layers 0..1",
-        ),
-        ("num_hidden_layers", 3, "num_hidden_layers = 3, but the checkpoint holds layers 0..1"),
-        ("num_hidden_layers", "2", "num_hidden_layers must be int; got '2'"),
-        ("hidden_size", 4096, "hidden_size = 4096, but model.embed_tokens.weight is 96 x 256"),
-        ("vocab_size", -1, "vocab_size must be positive; got -1"),
-        ("num_attention_heads", 2.5, "num_attention_heads must be int; got 2.5"),
-    ],
-)
-def test_config_sizes_must_agree_with_the_tensors_before_any_work(key, value, match, tmp_path, gen):
+SIZE_CASES = [
+    ({"num_hidden_layers": 10**9}, None, "num_hidden_layers = 1000000000, but the checkpoint holds only 21 tensors"),
+    ({"num_hidden_layers": 3}, None, "num_hidden_layers = 3, but the checkpoint holds layers 0..1"),
+    ({"num_hidden_layers": "2"}, None, "num_hidden_layers must be int; got '2'"),
+    ({"hidden_size": 4096}, None, "hidden_size = 4096 is larger than every tensor dimension of the checkpoint \\(the largest is 384\\)"),
+    ({"hidden_size": 128}, None, r"model.embed_tokens.weight is \[96, 256\] in the checkpoint but \[96, 128\] by config.json"),
+    ({"intermediate_size": 256}, None, r"mlp.gate_proj.weight is \[384, 256\] in the checkpoint but \[256, 256\]"),
+    ({"num_attention_heads": 2}, None, r"q_proj.weight is \[256, 256\] in the checkpoint but \[128, 256\]"),
+    ({"vocab_size": -1}, None, "vocab_size must be positive; got -1"),
+    ({"num_attention_heads": 2.5}, None, "num_attention_heads must be int; got 2.5"),
+    # The names cannot hide a size: layers renamed, the embedding gone.
+    ({"num_hidden_layers": 10**9}, "rename-layers", "num_hidden_layers = 1000000000, but the checkpoint holds only 21"),
+    ({"vocab_size": 10**9}, "drop-embedding", "vocab_size = 1000000000 is larger than every tensor dimension"),
+    ({}, "drop-embedding", "model.embed_tokens.weight is missing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("changes, tensors, match", SIZE_CASES)
+def test_config_sizes_must_agree_with_the_tensors_before_any_work(
+    changes, tensors, match, tmp_path, gen
+):
     src, calib = static_source(tmp_path, gen, 2, 8)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, key: value}))
+    weights = load_file(src / "model.safetensors")
+    if tensors == "rename-layers":
+        weights = {k.replace(".layers.", ".blocks."): v for k, v in weights.items()}
+    if tensors == "drop-embedding":
+        del weights["model.embed_tokens.weight"]
+    write(src, {**config, **changes}, weights)
     with deadline(60), pytest.raises(CheckpointError, match=match):  # 10**9 layers: no end
         quantize(src, tmp_path / "dst", scheme="tensor", activations="static", calib=str(calib))
     assert not os.path.exists(tmp_path / "dst")

@@ -23,10 +23,9 @@ from .files import (
     CheckpointError,
     CheckpointWriter,
     TensorSource,
-    checkpoint_file,
+    checkpoint_json,
     field,
     read_config,
-    read_json,
 )
 
 WRITE_FORMATS = ("compressed-tensors", "fp8")
@@ -88,11 +87,9 @@ class Checkpoint:
 def detect_format(path: str, config: dict) -> tuple[str, dict]:
     """(format, its quantization settings) from config.json and hf_quant_config.json."""
     qc = field(config, "quantization_config", dict, "config.json")
-    modelopt_file = checkpoint_file(path, HF_QUANT_CONFIG)
-    if qc is None and modelopt_file is not None:
+    if qc is None and (modelopt := checkpoint_json(path, HF_QUANT_CONFIG)) is not None:
         where = os.path.join(path, HF_QUANT_CONFIG)
-        modelopt = field(read_json(modelopt_file, where), "quantization", dict, where, {})
-        qc = {"quant_method": "modelopt", **modelopt}
+        qc = {"quant_method": "modelopt", **field(modelopt, "quantization", dict, where, {})}
     if qc is None:
         return "unquantized", {}
     where = "config.json quantization_config"

@@ -111,12 +111,28 @@ def check_layers(quantized: list[str], kept: list[str], shapes: dict, scheme: st
 
 
 def check_sizes(config: dict, src: TensorSource) -> None:
-    """config.json's sizes are positive ints and agree with the tensors present (layer count,
-    embedding shape), so a hostile config cannot make calibration build a huge model."""
+    """config.json's sizes are positive ints within what the tensors present can hold (no more
+    layers than tensors, no size above the largest tensor dimension; the layer count exactly
+    where the names show it), so a hostile config cannot make calibration build a huge model.
+    `config` may be a dict of a transformers config's resolved attributes."""
+    n_tensors = len(src.keys())
+    largest = max((d for n in src for d in src.shape(n)), default=0)
     for key in SIZES:
         value = field(config, key, int, "config.json")
-        if value is not None and value <= 0:
+        if value is None:
+            continue
+        if value <= 0:
             raise CheckpointError(f"config.json: {key} must be positive; got {value}")
+        if key == "num_hidden_layers" and value > n_tensors:
+            raise CheckpointError(
+                f"config.json: num_hidden_layers = {value}, but the checkpoint holds only "
+                f"{n_tensors} tensors"
+            )
+        if key not in ("num_hidden_layers", "max_position_embeddings") and value > largest:
+            raise CheckpointError(
+                f"config.json: {key} = {value} is larger than every tensor dimension of the "
+                f"checkpoint (the largest is {largest})"
+            )
     layers = {int(m.group(1)) for n in src if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
     n_layers = config.get("num_hidden_layers")
     # Distinct ints >= 0: they are range(n) when there are n of them and the largest is n - 1.
@@ -126,14 +142,26 @@ def check_sizes(config: dict, src: TensorSource) -> None:
             f"config.json: num_hidden_layers = {n_layers}, but the checkpoint holds {held} "
             f"({len(layers)} in all)"
         )
-    embed = next((n for n in src if n.endswith("embed_tokens.weight")), None)
-    if embed is not None and len(src.shape(embed)) == 2:
-        rows, cols = src.shape(embed)
-        for key, held in (("vocab_size", rows), ("hidden_size", cols)):
-            if config.get(key) is not None and config[key] != held:
-                raise CheckpointError(
-                    f"config.json: {key} = {config[key]}, but {embed} is {rows} x {cols}"
-                )
+
+
+def check_model_shapes(model: torch.nn.Module, src: TensorSource) -> None:
+    """The tensors the model config.json describes (built on the meta device) are the ones the
+    checkpoint holds, with the same shapes (tied weights need one copy)."""
+    expected = model.state_dict(keep_vars=True)
+    held = {id(t) for n, t in expected.items() if n in src}
+    wrong = [
+        f"{n} is {list(src.shape(n))} in the checkpoint but {list(t.shape)} by config.json"
+        for n, t in expected.items()
+        if n in src and tuple(t.shape) != src.shape(n)
+    ]
+    missing = [n for n, t in expected.items() if n not in src and id(t) not in held]
+    if wrong or missing:
+        what = wrong[:2] + [f"{n} is missing" for n in missing[: 2 - len(wrong[:2])]]
+        count = len(wrong) + len(missing)
+        raise CheckpointError(
+            f"config.json does not describe the checkpoint's tensors: {'; '.join(what)}"
+            f"{f' ({count} in all)' if count > 2 else ''}"
+        )
 
 
 def load_calibration(path: str, vocab_size: int | None = None) -> torch.Tensor:
@@ -206,13 +234,25 @@ def calibrate_checkpoint(
     being converted): its shards are linked into a temporary folder with an index listing
     them and `config`, so no other weight file of the source folder is read."""
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise CheckpointError(
             "static activations need calibration runs of the model, which need HF transformers "
             "(pip install transformers) until fp8nemo's model wrapper exists"
         ) from None
     device = device or calibration_device(None)
+    model_type = field(config, "model_type", str, "config.json")
+    try:
+        hf_config = AutoConfig.for_model(
+            model_type, **{k: v for k, v in config.items() if k != "model_type"}
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"config.json is not a transformers config: {err}") from None
+    # Sizes as the model class reads them (n_layer and such aliases resolved), bounded before
+    # a model is built, then the meta-device model's tensors against the checkpoint's.
+    check_sizes({k: getattr(hf_config, k, None) for k in SIZES}, src)
+    with torch.device("meta"):
+        check_model_shapes(AutoModelForCausalLM.from_config(hf_config), src)
     with tempfile.TemporaryDirectory() as folder:
         for name, real in src.files.items():
             os.symlink(real, os.path.join(folder, name))
@@ -221,19 +261,15 @@ def calibrate_checkpoint(
             json.dump(index, f)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype="auto", use_safetensors=True, output_loading_info=True
-        )
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise CheckpointError(
-            f"calibration: the model config.json describes needs {', '.join(missing[:3])}"
-            f"{' ...' if len(missing) > 3 else ''}, which {src.path} does not hold"
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
     model = model.to(device)
     calib = Calibrator(model, observer, linear_filter=lambda name, _: name in modules)
     batches = [input_ids[i : i + CALIB_BATCH] for i in range(0, input_ids.shape[0], CALIB_BATCH)]
-    calib.run(batches, forward=lambda model, ids: model(ids.to(device)))
+    try:
+        calib.run(batches, forward=lambda model, ids: model(ids.to(device)))
+    except RuntimeError as err:  # out of memory, or a model that cannot run these ids
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"calibration forward pass on {device} failed: {first}") from None
     return calib.input_scales(), calib.kv_scales()
 
 
@@ -288,22 +324,23 @@ def quantize_checkpoint(
     check_layers(modules, kept, {m: source.shape(f"{m}.weight") for m in modules}, scheme)
     weights = {f"{m}.weight": m for m in modules}
 
-    input_scales, kv_scales = {}, {}
-    if static:
-        ids = load_calibration(calib, config.get("vocab_size"))
-        input_scales, kv_scales = calibrate_checkpoint(
-            source, config, ids, set(modules), observer, device
-        )
-        missing = sorted(set(modules) - input_scales.keys())
-        if missing:
-            raise CheckpointError(
-                f"calibration found no nn.Linear for {', '.join(missing[:4])}"
-                f"{' ...' if len(missing) > 4 else ''}: no static input scale for them"
-            )
+    ids = load_calibration(calib, config.get("vocab_size")) if static else None
 
     reports = []
     names = source.keys()
+    # The writer checks dst now, before calibration spends minutes on a run it would refuse.
     with CheckpointWriter(dst, overwrite=overwrite, source=src) as out:
+        input_scales, kv_scales = {}, {}
+        if static:
+            input_scales, kv_scales = calibrate_checkpoint(
+                source, config, ids, set(modules), observer, device
+            )
+            missing = sorted(set(modules) - input_scales.keys())
+            if missing:
+                raise CheckpointError(
+                    f"calibration found no nn.Linear for {', '.join(missing[:4])}"
+                    f"{' ...' if len(missing) > 4 else ''}: no static input scale for them"
+                )
         for name in show_progress(names, "quantize", "tensor", progress):
             tensor = source[name]
             if name not in weights:

@@ -11,10 +11,13 @@ checkpoint folder is ever replaced.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import warnings
 
@@ -37,6 +40,7 @@ CHECKPOINT_FILES = re.compile(
     r"|hf_quant_config\.json|params\.json|recipe\.yaml|preprocessor_config\.json"
     r"|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|tekken\.json|vocab\.(json|txt)"
     r"|merges\.txt|special_tokens_map\.json|added_tokens\.json|chat_template\.(json|jinja)"
+    r"|\.gitattributes|LICENSE(\.\w+)?"
     rf"|{re.escape(MARKER)}"
 )
 
@@ -49,27 +53,28 @@ class CheckpointError(ValueError):
 # reading
 
 
-def _roots(folder: str) -> list[str]:
-    """Where the real paths of a checkpoint's files may lie: the folder, and for an HF cache
-    snapshot (`models--<org>--<name>/snapshots/<rev>`) the repository's `blobs/`."""
-    real = os.path.realpath(folder)
-    roots = [real]
-    snapshots = os.path.dirname(real)
+def _inside(folder: str, real: str) -> bool:
+    """Whether the real path `real` belongs to the checkpoint folder `folder`: it lies inside
+    it, or `folder` is an HF cache snapshot (`models--<org>--<name>/snapshots/<rev>`) and `real`
+    is a blob of that repository (its `blobs/`, a flat folder that is no link itself)."""
+    root = os.path.realpath(folder)
+    if os.path.commonpath([real, root]) == root:
+        return True
+    snapshots = os.path.dirname(root)
     repo = os.path.dirname(snapshots)
     blobs = os.path.join(repo, "blobs")
-    if (
+    return (
         os.path.basename(snapshots) == "snapshots"
         and os.path.basename(repo).startswith("models--")
-        and os.path.isdir(blobs)
-    ):
-        roots.append(os.path.realpath(blobs))
-    return roots
+        and not os.path.islink(blobs)
+        and os.path.dirname(real) == blobs
+    )
 
 
 def checkpoint_file(folder: str, name: object) -> str | None:
     """The real path of the file `name` of the checkpoint folder `folder`, or None when there
     is no such entry. CheckpointError for a name that leaves the folder (a path, `..`), a link
-    whose target lies outside it (see `_roots`), or anything but a regular file."""
+    whose target lies outside it (see `_inside`), or anything but a regular file."""
     if (
         not isinstance(name, str)
         or name in ("", ".", "..")
@@ -81,7 +86,7 @@ def checkpoint_file(folder: str, name: object) -> str | None:
     if not os.path.lexists(path):
         return None
     real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, root]) == root for root in _roots(folder)):
+    if not _inside(folder, real):
         raise CheckpointError(f"{path} links to {real}, outside the checkpoint folder")
     try:
         mode = os.stat(real).st_mode
@@ -104,7 +109,7 @@ def read_json(file: str, what: str | None = None) -> dict:
         data = json.loads(raw)
     except RecursionError:
         raise CheckpointError(f"{what} nests too deeply to be a config") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad UTF-8, bad JSON, huge ints
         raise CheckpointError(f"{what} is not readable JSON: {err}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} must hold a JSON object; got {type(data).__name__}")
@@ -124,11 +129,17 @@ def field(data: dict, key: str, types: type | tuple[type, ...], where: str, defa
     return value
 
 
+def checkpoint_json(folder: str, name: str) -> dict | None:
+    """The JSON object in the checkpoint's file `name`, or None when there is no such file."""
+    file = checkpoint_file(folder, name)
+    return None if file is None else read_json(file, os.path.join(folder, name))
+
+
 def read_config(path: str) -> dict:
-    file = checkpoint_file(path, "config.json")
-    if file is None:
+    config = checkpoint_json(path, "config.json")
+    if config is None:
         raise CheckpointError(f"{path} has no config.json")
-    return read_json(file, os.path.join(path, "config.json"))
+    return config
 
 
 class TensorSource:
@@ -141,10 +152,10 @@ class TensorSource:
 
         self.path = path
         index = os.path.join(path, self.INDEX)
-        index_file = checkpoint_file(path, self.INDEX)
+        index_data = checkpoint_json(path, self.INDEX)
         weight_map = None
-        if index_file is not None:
-            weight_map = field(read_json(index_file, index), "weight_map", dict, index)
+        if index_data is not None:
+            weight_map = field(index_data, "weight_map", dict, index)
             if weight_map is None:
                 raise CheckpointError(f"{index} has no weight_map")
             bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
@@ -220,8 +231,13 @@ class TensorSource:
 # writing
 
 
+def _host() -> str:
+    """This machine, as the marker records it: a hash, so an uploaded checkpoint names no host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:16]
+
+
 def _read_marker(folder: str) -> dict | None:
-    """The writer's marker in `folder`, or None when it has none (or not one of ours)."""
+    """The writer's marker in `folder`, or None when it has none (or not a well-formed one)."""
     file = os.path.join(folder, MARKER)
     if not os.path.isfile(file) or os.path.islink(file):
         return None
@@ -229,20 +245,29 @@ def _read_marker(folder: str) -> dict | None:
         marker = read_json(file)
     except CheckpointError:
         return None
+    files = marker.get("files", [])
     ok = (
         marker.get("writer") == "fp8nemo"
-        and isinstance(marker.get("pid"), int)
+        and type(marker.get("pid")) is int
+        and 0 < marker["pid"] < 2**31
+        and isinstance(marker.get("host"), str)
         and isinstance(marker.get("dst"), str)
-        and isinstance(marker.get("files", []), list)
+        and isinstance(files, list)
+        and all(isinstance(f, str) for f in files)
     )
     return marker if ok else None
 
 
 def _write_marker(folder: str, marker: dict) -> None:
     tmp = os.path.join(folder, f".{MARKER}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(marker, f, indent=1)
-    os.replace(tmp, os.path.join(folder, MARKER))
+    try:
+        with open(tmp, "w") as f:
+            json.dump(marker, f, indent=1)
+        os.replace(tmp, os.path.join(folder, MARKER))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _foreign(folder: str) -> list[str]:
@@ -290,48 +315,64 @@ def check_destination(dst: str, overwrite: bool) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _dead_writer(marker: dict | None, dst_base: str, pid: int | None = None) -> bool:
+    """Whether `marker` is that of a writer of `dst_base` (with `pid`, if given) that is no
+    longer running. A writer on another machine sharing the folder counts as running."""
+    if marker is None or marker["dst"] != dst_base or marker["host"] != _host():
         return False
+    if pid is not None and marker["pid"] != pid:
+        return False
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return True
     except PermissionError:  # alive, under another user
         pass
-    return True
+    return False
 
 
 def _recover_stale(dst: str) -> bool:
-    """Clean up after a writer of `dst` that was killed, touching only folders its marker
-    claims: its `<dst>.tmp-<pid>` goes, an old checkpoint it had moved aside comes back if
-    nothing took its place (or goes, if its replacement is in place). Returns whether an old
-    checkpoint came back."""
+    """Clean up after a writer of `dst` that was killed, touching only what its marker claims:
+    its `<dst>.tmp-<pid>` goes, and the old checkpoint it moved aside to `<dst>.old-<pid>`
+    comes back if nothing took its place (or goes, if its replacement is in place). Returns
+    whether an old checkpoint came back."""
     parent, base = os.path.split(dst)
     if not os.path.isdir(parent):
         return False
     restored = False
-    pattern = re.compile(re.escape(base) + r"\.tmp-(\d+)")
+    pattern = re.compile(re.escape(base) + r"\.tmp-(\d{1,10})")
     for name in sorted(os.listdir(parent)):
         m = pattern.fullmatch(name)
-        if not m or _alive(int(m.group(1))):
-            continue
         tmp = os.path.join(parent, name)
+        if not m or not _dead_writer(_read_marker(tmp), base, int(m.group(1))):
+            continue  # not a folder a dead writer of dst made
         marker = _read_marker(tmp)
-        if marker is None or marker["pid"] != int(m.group(1)) or marker["dst"] != base:
-            continue  # not a folder this writer made
-        old = marker.get("old")
-        if old and marker.get("state") == "swapping" and not os.path.lexists(dst):
-            old = os.path.join(parent, old)
-            if os.path.isdir(old):
-                os.replace(old, dst)  # put the old checkpoint back
-                restored = True
+        old = os.path.join(parent, f"{base}.old-{marker['pid']}")
+        if marker.get("state") == "swapping" and os.path.isdir(old) and not os.path.lexists(dst):
+            os.replace(old, dst)  # put the old checkpoint back
+            restored = True
         shutil.rmtree(tmp, ignore_errors=True)
     marker = _read_marker(dst) if os.path.isdir(dst) else None
-    if marker and marker.get("state") == "swapping" and not _alive(marker["pid"]):
+    if _dead_writer(marker, base) and marker.get("state") == "swapping":
         # The swap was done, the cleanup was not: the old folder is the replaced checkpoint.
-        if marker.get("old") and os.path.isdir(os.path.join(parent, marker["old"])):
-            shutil.rmtree(os.path.join(parent, marker["old"]), ignore_errors=True)
-        _write_marker(dst, {**marker, "state": "done", "old": None})
+        shutil.rmtree(os.path.join(parent, f"{base}.old-{marker['pid']}"), ignore_errors=True)
+        _write_marker(dst, {**marker, "state": "done"})
     return restored
+
+
+def _state(path: str) -> dict | None:
+    """What is at `path` now, to tell whether anyone changed it: None when nothing is, else
+    each entry's inode, size, mtime and mode."""
+
+    def entry(p):
+        st = os.lstat(p)
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
+
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path) or os.path.islink(path):
+        return {"": entry(path)}
+    return {name: entry(os.path.join(path, name)) for name in os.listdir(path)}
 
 
 def _os_error(what: str, err: OSError) -> CheckpointError:
@@ -342,8 +383,8 @@ class CheckpointWriter:
     """Writes a checkpoint folder atomically: shards go to `<dst>.tmp-<pid>` (marked as the
     writer's from the start), which replaces `dst` only when `finish` has written everything;
     on an error the temporary folder goes. `dst` must be new, empty, or (with `overwrite`) a
-    checkpoint folder — checked at the start and again at the swap — and neither inside the
-    source folder nor holding it.
+    checkpoint folder; it must be exactly as it was at the start when the swap comes (nothing
+    the user put there meanwhile is lost), and neither inside the source folder nor holding it.
 
         with CheckpointWriter(dst, source=src) as out:
             out.add(name, tensor) ...
@@ -363,20 +404,19 @@ class CheckpointWriter:
         parent = os.path.dirname(dst)
         if os.path.lexists(parent) and not os.path.isdir(parent):
             raise CheckpointError(f"the destination's parent {parent} is not a folder")
-        check_destination(dst, overwrite)
+        self.replace = check_destination(dst, overwrite)
         if _recover_stale(dst):  # an old checkpoint came back: the rules apply to it
-            check_destination(dst, overwrite)
+            self.replace = check_destination(dst, overwrite)
         self.dst, self.source, self.shard_bytes = dst, source, shard_bytes
-        self.overwrite = overwrite
         self.tmp = f"{dst}.tmp-{os.getpid()}"
-        self._marker = {"writer": "fp8nemo", "pid": os.getpid(), "dst": os.path.basename(dst),
-                        "state": "writing", "old": None, "files": []}  # fmt: skip
+        self.old = f"{dst}.old-{os.getpid()}"
+        for path in (self.tmp, self.old) if self.replace else (self.tmp,):
+            if os.path.lexists(path):
+                raise CheckpointError(f"{path} is in the way; move it")
+        self._start = _state(dst)
+        self._marker = {"writer": "fp8nemo", "pid": os.getpid(), "host": _host(),
+                        "dst": os.path.basename(dst), "state": "writing", "files": []}  # fmt: skip
         try:
-            if os.path.lexists(self.tmp):  # an earlier writer of this process left it
-                marker = _read_marker(self.tmp)
-                if not marker or marker["pid"] != os.getpid():
-                    raise CheckpointError(f"{self.tmp} is in the way; move it")
-                shutil.rmtree(self.tmp)
             os.makedirs(self.tmp)
             _write_marker(self.tmp, self._marker)
         except BaseException as err:
@@ -464,40 +504,44 @@ class CheckpointWriter:
                 shutil.copyfile(real, os.path.join(self.tmp, name))
 
     def _swap(self) -> None:
-        """Move the finished folder into place, checking `dst` again first: nothing the user
-        put there during the run may be lost."""
-        replace = check_destination(self.dst, self.overwrite)
-        old = f"{self.dst}.old-{os.getpid()}"
-        if replace and os.path.lexists(old):
-            raise CheckpointError(f"{old} is in the way of moving the old checkpoint aside")
-        if replace:
-            self._marker.update(state="swapping", old=os.path.basename(old))
+        """Move the finished folder into place, if `dst` is as it was at the start: nothing
+        the user put there during the run may be lost."""
+
+        def unchanged(path):
+            if _state(path) != self._start:
+                raise CheckpointError(
+                    f"{self.dst} changed during the run; nothing was replaced (rerun to write "
+                    "the checkpoint)"
+                )
+
+        unchanged(self.dst)
+        if self.replace:
+            self._marker["state"] = "swapping"  # recovery finds the old folder at self.old
             _write_marker(self.tmp, self._marker)
-        try:
-            if replace:
-                os.replace(self.dst, old)
-                foreign = _foreign(old)  # written to in the instant since the check
-                if foreign:
-                    os.replace(old, self.dst)
-                    raise CheckpointError(
-                        f"{self.dst} changed during the run (it now holds {', '.join(foreign)}); "
-                        "nothing was replaced"
-                    )
+            os.replace(self.dst, self.old)
             try:
-                os.replace(self.tmp, self.dst)
-            except OSError as err:
+                unchanged(self.old)  # written to in the instant since the check
+            except CheckpointError:
+                os.replace(self.old, self.dst)
+                raise
+        try:
+            os.replace(self.tmp, self.dst)
+        except BaseException as err:
+            where = ""
+            if self.replace and not os.path.lexists(self.dst):
+                os.replace(self.old, self.dst)  # put the old checkpoint back
+            elif self.replace:
+                where = f"; the old checkpoint is at {self.old}"
+            if isinstance(err, OSError):
                 raise CheckpointError(
                     f"cannot move the new checkpoint to {self.dst}: {err.strerror} (did "
-                    "something appear there during the run?)"
+                    f"something appear there during the run?){where}"
                 ) from None
-        except BaseException:
-            if replace and os.path.isdir(old) and not os.path.lexists(self.dst):
-                os.replace(old, self.dst)  # put the old checkpoint back
             raise
-        if replace:
-            shutil.rmtree(old, ignore_errors=True)
-            self._marker.update(state="done", old=None)
-            _write_marker(self.dst, self._marker)
+        if self.replace:
+            shutil.rmtree(self.old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # recovery finishes this if it cannot
+                _write_marker(self.dst, {**self._marker, "state": "done"})
 
     def __enter__(self) -> CheckpointWriter:
         return self
