@@ -346,7 +346,7 @@ def cache_args(cache_dtype=torch.bfloat16, **kw):
 CACHE_BAD = [
     (cache_args(E4M3, k_scale=None), ValueError, "an e4m3 cache needs k_scale"),
     (cache_args(k_scale=torch.ones(1)), ValueError, "k_scale applies to an e4m3 cache only"),
-    (cache_args(E4M3, v_scale=torch.ones(3)), ValueError, r"v_scale must be \[Hk\] = \[2\] or a scalar"),
+    (cache_args(E4M3, v_scale=torch.ones(3)), ValueError, r"v_scale must be \[Hk\] = \[2\] or one element"),
     (cache_args(slots=torch.tensor([0, 1, 2, 3, 16])), ValueError, r"slots must lie in \[-1, 16\)"),
     (cache_args(k_cache=torch.zeros(2, 8, 4, 64, dtype=torch.bfloat16)), ValueError, r"\[B, S_max, Hk, D\]"),
     (cache_args(v_cache=torch.zeros(2, 8, 2, 64, dtype=torch.float16)), TypeError, "v_cache must have dtype"),
