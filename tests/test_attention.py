@@ -248,3 +248,243 @@ def test_fp8_mixed_descale_layouts(device, gen):
     scales["q_descale"] = scales["q_descale"][0, 0].clone()  # 0-d
     scales["v_descale"] = scales["v_descale"][1, 1].reshape(1).clone()
     check(q, k, v, causal=True, **scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden keys count for nothing, whatever their K and V hold; visible non-finite V propagates.
+
+
+def visible_only_reference(q, k, v, causal=True, window=None, cu_seqlens=None, softmax_scale=None,
+                           q_descale=None, k_descale=None, v_descale=None):  # fmt: skip
+    """fp64 attention built row by row from the keys each query sees, and only those: a hidden
+    key's K and V never enter the arithmetic. Returns out [like q] fp64."""
+    packed = cu_seqlens is not None
+    if not packed:
+        B, S = q.shape[:2]
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+        cu_seqlens = torch.arange(B + 1) * S
+    cu = cu_seqlens.tolist()
+    Hq, Hk, D = q.shape[1], k.shape[1], q.shape[2]
+    G = Hq // Hk
+    scale = softmax_scale if softmax_scale is not None else D**-0.5
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
+    for b in range(len(cu) - 1):
+        for h in range(Hq):
+            kvh = h // G
+            factors = [1.0, 1.0, 1.0]
+            if q.dtype == E4M3:
+                factors = [A.expand_descale(d, b, Hk)[kvh].item()
+                           for d in (q_descale, k_descale, v_descale)]  # fmt: skip
+            for i in range(cu[b + 1] - cu[b]):
+                keys = torch.arange(i + 1 if causal else cu[b + 1] - cu[b])
+                if window is not None:
+                    keys = keys[keys > i - window]
+                rows = cu[b] + keys
+                qi = q[cu[b] + i, h].double() * factors[0]
+                s = (k[rows, kvh].double() * factors[1]) @ qi * scale
+                out[cu[b] + i, h] = torch.softmax(s, 0) @ (v[rows, kvh].double() * factors[2])
+    return out.unflatten(0, (B, S)) if not packed else out
+
+
+def check_nonfinite(q, k, v, clean, **kw):
+    """q, k, v hold NaN/inf; `clean` is (k, v) with finite values everywhere the garbage is.
+    Kernel (launcher and op) and torch path against the visible-only fp64 reference: NaN at
+    the same places, the rest within flash-attn's rule (bounds from the clean inputs, where
+    the garbage is hidden the same problem)."""
+    out, lse = run(q, k, v, **kw)
+    ref_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()
+              if n != "max_seqlen"}  # fmt: skip
+    cpu = [t.cpu() for t in (q, k, v)]
+    want = visible_only_reference(*cpu, **ref_kw)
+    _, want_lse = attention_reference(*cpu, **ref_kw, quantize_p=False, acc_dtype=torch.float64)
+    torch_path, torch_lse = attention_reference(*cpu, **ref_kw)
+    ref32, ref32_lse = attention_reference(
+        *cpu, **ref_kw, quantize_p=False, out_dtype=torch.float32
+    )
+    low, low_lse = attention_reference(
+        *cpu, **ref_kw, acc_dtype=torch.float32 if q.dtype == E4M3 else q.dtype
+    )
+    nan = ~want.isfinite()  # NaN, or inf where the math has one (NaN is fine there)
+    assert nan.any(), "the test means some visible NaN"
+    for name, x, y in (("kernel", out, lse), ("torch path", torch_path, torch_lse),
+                       ("fp32 reference", ref32, ref32_lse)):  # fmt: skip
+        bad = ~x.cpu().isfinite() != nan
+        assert not bad.any(), f"{name}: non-finite at {bad.nonzero()[:5].tolist()} unlike the math"
+        assert torch.equal(y.cpu().isnan(), want_lse.isnan()), (
+            f"{name}: lse NaN (K) unlike the math"
+        )
+
+    def err(x, y):
+        return (x.double().cpu() - y).nan_to_num().abs().max().item()
+
+    for ours, ref, lowp, r32 in ((out, want, low, ref32), (lse, want_lse, low_lse, ref32_lse)):
+        assert err(ours, ref) <= 2 * err(lowp, ref) + 2 * err(r32, ref)
+    public = flash_attention(q, k, v, **kw)
+    assert torch.equal(public.view(torch.uint8), out.view(torch.uint8))
+    if clean is not None:  # hidden garbage only: the torch path gives exactly the clean answer
+        torch_clean, lse_clean = attention_reference(cpu[0], *(t.cpu() for t in clean), **ref_kw)
+        finite = ~nan
+        assert torch.equal(torch_path[finite], torch_clean[finite])
+        seen_fine = want_lse.isfinite()
+        assert torch.equal(torch_lse[seen_fine], lse_clean[seen_fine].float())
+    return out
+
+
+def with_garbage(t, positions, dtype, value):
+    """A copy of t with `value` (NaN or inf; e4m3 has NaN only) at `positions` (index tuples)."""
+    t = t.clone()
+    for index in positions:
+        if dtype == E4M3:
+            t.view(torch.uint8)[index] = E4M3_NAN
+        else:
+            t[index] = value
+    return t
+
+
+E4M3_NAN = 0x7F
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, E4M3], ids=str)
+def test_nonfinite_v_and_k_at_causally_hidden_keys(dtype, device, gen):
+    """NaN/inf at keys after some queries of the same block: those queries stay finite, the
+    later ones that see the key get NaN in its columns only (one element, one column)."""
+    (q, k, v), scales = make_qkv((2, 150, 8, 64), (2, 150, 2, 64), dtype, gen, device, (2, 2))
+    v_bad = with_garbage(v, [(0, 100), (1, 140, 1, 5)], dtype, float("nan"))
+    v_bad = with_garbage(v_bad, [(0, 90, 0, 3)], dtype, float("inf"))
+    k_bad = with_garbage(k, [(0, 120), (1, 70, 0)], dtype, float("nan"))
+    k_bad = with_garbage(k_bad, [(0, 110, 1)], dtype, -float("inf"))
+    # K garbage at keys the queries before them do not see; V garbage seen from 90 / 100 / 140 on
+    out = check_nonfinite(q, k, v_bad, None, causal=True, **scales)
+    assert out[0, :90].isfinite().all() and out[1, :140].isfinite().all()
+    assert out[1, 140:, 4:6, 5].isnan().all() and out[1, 140:, :, :5].isfinite().all()
+    # K garbage only: the torch path is bit for bit as without it wherever it is hidden
+    (q2, k2, v2), scales = make_qkv((2, 150, 8, 64), (2, 150, 2, 64), dtype, gen, device, (2, 2))
+    k_bad = with_garbage(k2, [(0, 110), (1, 70, 1)], dtype, float("nan"))
+    out = check_nonfinite(q2, k_bad, v2, (k2, v2), causal=True, **scales)
+    assert out[0, :110].isfinite().all() and out[1, :70].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
+def test_nonfinite_before_the_sliding_window(dtype, device, gen):
+    """Keys before a query's window: NaN/inf there reach only the queries whose window holds
+    them; later queries, the same block's included, stay finite and right."""
+    (q, k, v), scales = make_qkv((1, 300, 8, 64), (1, 300, 2, 64), dtype, gen, device, (1, 2))
+    v_bad = with_garbage(v, [(0, 10), (0, 40, 1, 7)], dtype, float("nan"))
+    v_bad = with_garbage(v_bad, [(0, 12, 0, 1)], dtype, float("inf"))
+    k_bad = with_garbage(k, [(0, 20), (0, 5, 1)], dtype, float("nan"))
+    out = check_nonfinite(q, k_bad, v_bad, None, causal=True, window=37, **scales)
+    assert out[0, 40 + 37 :].isfinite().all(), "keys left behind by the window count for nothing"
+    assert out[0, :5].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
+def test_nonfinite_in_packed_sequences(dtype, device, gen):
+    """Packed varlen: NaN/inf in one sequence's tokens never reach its neighbours, nor its own
+    queries before them; garbage in an empty-tailed layout between sequences neither."""
+    lengths = [37, 200, 5, 60]
+    T = sum(lengths)
+    cu = torch.tensor([0, 37, 237, 242, 302], dtype=torch.int32, device=device)
+    (q, k, v), scales = make_qkv((T, 8, 64), (T, 2, 64), dtype, gen, device, (4, 2))
+    v_bad = with_garbage(v, [(40,), (36,), (238, 1, 9)], dtype, float("nan"))
+    v_bad = with_garbage(v_bad, [(241, 0, 2)], dtype, float("inf"))
+    k_bad = with_garbage(k, [(300,), (236, 1)], dtype, float("nan"))
+    for causal, window in ((True, None), (True, 16)):
+        out = check_nonfinite(q, k_bad, v_bad, None, causal=causal, window=window, cu_seqlens=cu,
+                              max_seqlen=200, **scales)  # fmt: skip
+        assert out[37:40].isfinite().all(), "sequence 2's queries before its NaN key"
+        assert out[242:300].isfinite().all(), "sequence 4 before its K garbage"
+        assert out[36].isnan().all() and out[:36].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
+def test_visible_nonfinite_v_still_propagates(dtype, device, gen):
+    """Not causal: every query sees every key, so a NaN V element makes its column NaN in
+    every row of its heads, and nothing else; inf the same (the kernel gives NaN)."""
+    (q, k, v), scales = make_qkv((1, 140, 8, 64), (1, 140, 2, 64), dtype, gen, device, (1, 2))
+    v_bad = with_garbage(v, [(0, 3, 0, 17), (0, 139, 1, 63)], dtype, float("nan"))
+    if dtype != E4M3:
+        v_bad = with_garbage(v_bad, [(0, 70, 1, 0)], dtype, -float("inf"))
+    out = check_nonfinite(q, k, v_bad, None, causal=False, **scales)
+    assert out[0, :, :4, 17].isnan().all() and out[0, :, 4:, 63].isnan().all()
+    assert int((~out.isfinite()).sum()) == 140 * 4 * (2 if dtype == E4M3 else 3)
+
+
+def test_large_max_seqlen_bounds_the_grid(device, gen, monkeypatch):
+    """max_seqlen far past the tokens there are: no sequence can be longer than T, so the grid
+    (and the tuning key) follow T, and the result is right."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    (q, k, v), _ = make_qkv((12, 8, 64), (12, 2, 64), torch.bfloat16, gen, device)
+    config = A.configs_for(capability(q.device), 64, False)[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    (launch,) = A._launches(q, k, v, out, None, True, None, None, cu, 10**6, (None,) * 3, config)
+    block_q = config.meta["BLOCK_M"] // 4
+    assert launch.grid == (-(-12 // block_q), 2, 2)
+    monkeypatch.setattr(A._tuner, "cache", {})
+    check(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=10**6)
+    assert [key[-1] for key in A._tuner.cache] == [A.m_bucket(12)], "tuned by the real length"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
+def test_packed_batch_with_empty_sequences(dtype, device, gen):
+    """cu_seqlens [0, 0, 5, 5, 9]: empty sequences have no rows; the others are as alone."""
+    cu = torch.tensor([0, 0, 5, 5, 9], dtype=torch.int32, device=device)
+    (q, k, v), scales = make_qkv((9, 8, 64), (9, 2, 64), dtype, gen, device, (4, 2))
+    check(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=5, **scales)
+    check(q, k, v, causal=False, cu_seqlens=cu, max_seqlen=5, **scales)
+
+
+@pytest.mark.parametrize(
+    "shape_q, shape_kv, packed",
+    [((2, 0, 8, 64), (2, 0, 2, 64), False), ((0, 7, 8, 64), (0, 7, 2, 64), False),
+     ((0, 8, 64), (0, 2, 64), True)],
+    ids=["S=0", "B=0", "T=0"],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
+def test_zero_size_inputs(shape_q, shape_kv, packed, dtype, device, gen):
+    (q, k, v), scales = make_qkv(shape_q, shape_kv, dtype, gen, device, ())
+    kw = (
+        dict(cu_seqlens=torch.zeros(2, dtype=torch.int32, device=device), max_seqlen=1)
+        if packed
+        else {}
+    )
+    out, lse = flash_attention(q, k, v, **kw, **scales, return_lse=True)
+    out_dtype, lse_shape = A._out_shapes(q, 1 if packed else q.shape[0])
+    assert out.shape == q.shape and out.dtype == out_dtype and out.device == q.device
+    assert lse.shape == lse_shape and lse.dtype == torch.float32
+    ref, ref_lse = attention_reference(*(t.cpu() for t in (q, k, v)), cu_seqlens=kw.get("cu_seqlens"),
+                                       **{n: t.cpu() for n, t in scales.items()})  # fmt: skip
+    assert ref.shape == out.shape and ref_lse.shape == lse.shape
+
+
+def test_one_element_descales_of_any_shape(device, gen):
+    """A [1, 1] descale (as checkpoints store it) is a per-tensor descale like [] and [1]."""
+    (q, k, v), scales = make_qkv((2, 90, 8, 64), (2, 90, 2, 64), E4M3, gen, device, ())
+    scales = {n: t.reshape(1, 1) for n, t in scales.items()}
+    scales["v_descale"] = scales["v_descale"].reshape(1, 1, 1)
+    check(q, k, v, causal=True, **scales)
+
+
+def fp8_qkv(**kw):
+    descales = {n: torch.full((), 0.01) for n in ("q_descale", "k_descale", "v_descale")}
+    return qkv(q=torch.ones(2, 8, 4, 64).to(E4M3), k=e4m3, v=e4m3, **{**descales, **kw})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (qkv(softmax_scale=float("inf")), ValueError, "softmax_scale must be positive and finite; got inf"),
+        (qkv(softmax_scale=float("nan")), ValueError, "softmax_scale must be positive and finite; got nan"),
+        (qkv(softmax_scale=0.0), ValueError, "softmax_scale must be positive and finite"),
+        (fp8_qkv(q_descale=torch.zeros(())), ValueError, "q_descale must be positive and finite; got 0.0"),
+        (fp8_qkv(k_descale=torch.full((2, 2), -0.5)), ValueError, "k_descale must be positive and finite; got -0.5"),
+        (fp8_qkv(v_descale=torch.tensor([[0.1, float("nan")], [0.1, 0.1]])), ValueError, "v_descale must be positive and finite; got nan"),
+        (fp8_qkv(v_descale=torch.full((1,), float("inf"))), ValueError, "v_descale must be positive and finite; got inf"),
+        (fp8_qkv(q_descale=torch.ones(1, 1)), None, None),
+        (qkv(window=True), TypeError, "window must be int or None; got bool"),
+        (qkv(return_lse=1), TypeError, "return_lse must be bool"),
+        (packed(max_seqlen=True), TypeError, "max_seqlen must be int or None; got bool"),
+        (packed(max_seqlen=10**6), None, None),
+    ],
+)  # fmt: skip
+def test_values_that_make_nan_are_refused(kwargs, error, match):
+    check_bad_input(flash_attention, kwargs, error, match)

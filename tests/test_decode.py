@@ -196,3 +196,53 @@ def test_fp8_mixed_descale_layouts(device, gen):
     scales["v_descale"] = scales["v_descale"][1, 0].clone()
     lens = torch.tensor([300, 150], dtype=torch.int32, device=device)
     check(q, k, v, lens, 3, **scales)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=str)
+def test_empty_cache_gives_zeros(cache_dtype, device, gen):
+    """S_max = 0 (every length 0): nothing to attend to, so zeros, as the kernel gives a
+    sequence without keys; an empty batch gives an empty output."""
+    q, k, v, scales = make(3, 0, 8, 2, 64, cache_dtype, gen, device)
+    lens = torch.zeros(3, dtype=torch.int32, device=device)
+    out = decode_attention(q, k, v, lens, **scales)
+    assert out.shape == q.shape and out.dtype == q.dtype and (out == 0).all()
+    q, k, v, scales = make(3, 40, 8, 2, 64, cache_dtype, gen, device)
+    assert torch.equal(decode_attention(q, k, v, lens, **scales), out), "as with all lengths 0"
+    q, k, v, scales = make(0, 40, 8, 2, 64, cache_dtype, gen, device)
+    out = decode_attention(q, k, v, torch.zeros(0, dtype=torch.int32, device=device), **scales)
+    assert out.shape == (0, 8, 64)
+
+
+def test_one_element_descales_of_any_shape(device, gen):
+    """[1, 1] descales (as checkpoints store them) are per-tensor descales like []."""
+    q, k, v, scales = make(2, 300, 8, 2, 128, E4M3, gen, device, descale_shape=())
+    lens = torch.tensor([300, 150], dtype=torch.int32, device=device)
+    want = check(q, k, v, lens, 3, **scales)
+    wide = {n: t.reshape(1, 1) for n, t in scales.items()}
+    assert torch.equal(check(q, k, v, lens, 3, **wide), want)
+    assert torch.equal(
+        decode_attention(q, k, v, lens, **wide), decode_attention(q, k, v, lens, **scales)
+    )
+
+
+def fp8_args(**kw):
+    descales = {"k_descale": torch.full((2, 2), 0.01), "v_descale": torch.full((), 0.01)}
+    return args(k_cache=fp8_cache, v_cache=fp8_cache, **{**descales, **kw})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (args(softmax_scale=float("inf")), ValueError, "softmax_scale must be positive and finite; got inf"),
+        (args(softmax_scale=float("nan")), ValueError, "softmax_scale must be positive and finite; got nan"),
+        (fp8_args(k_descale=torch.zeros(2, 2)), ValueError, "k_descale must be positive and finite; got 0.0"),
+        (fp8_args(v_descale=torch.full((), -1.0)), ValueError, "v_descale must be positive and finite; got -1.0"),
+        (fp8_args(k_descale=torch.tensor([[0.1, 0.1], [float("nan"), 0.1]])), ValueError, "k_descale must be positive and finite; got nan"),
+        (fp8_args(v_descale=torch.full((1, 1), float("inf"))), ValueError, "v_descale must be positive and finite; got inf"),
+        (fp8_args(k_descale=torch.full((1, 1), 0.01)), None, None),
+        (args(window=True), TypeError, "window must be int or None; got bool"),
+        (args(softmax_scale=True), TypeError, "softmax_scale must be float or int or None; got bool"),
+    ],
+)  # fmt: skip
+def test_values_that_make_nan_are_refused(kwargs, error, match):
+    check_bad_input(decode_attention, kwargs, error, match)

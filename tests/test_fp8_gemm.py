@@ -259,3 +259,27 @@ def test_group_scales_need_block_weights():
     with pytest.raises(ValueError, match="not a supported pair"):
         fp8_gemm(**bad(a=torch.ones(16, 256).to(E4M3), a_scale=torch.ones(16, 2),
                        b=torch.ones(48, 256).to(E4M3), b_scale=torch.ones(48, 1)))  # fmt: skip
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((1, 1), (1, 1)), ((1, 1), None), (None, (1, 1, 1))])
+@pytest.mark.parametrize("M", [1, 17])
+def test_one_element_scales_of_any_shape_are_per_tensor(a_shape, b_shape, M, device, gen):
+    """A per-tensor scale stored as [1, 1] (checkpoints, vLLM's tests) is per tensor; for M = 1
+    it is also a per-token scale, with the same numbers."""
+    N, K = 200, 144
+    ops = make_operands(M, N, K, ("tensor", "tensor"), gen, device)
+    a, a_s, b, b_s, _ = ops
+    wide_a = a_s.reshape(a_shape) if a_shape else a_s
+    wide_b = b_s.reshape(b_shape) if b_shape else b_s
+    want = check(ops, ("tensor", "tensor"), torch.float32, f"M={M}")
+    got = fp8_gemm(a, wide_a, b, wide_b, out_dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("M, N", [(0, 80), (9, 0), (0, 0)])
+@pytest.mark.parametrize("pair", [("token", "channel"), ("group", "block")], ids="x".join)
+def test_empty_products(M, N, pair, device, gen):
+    """M = 0 or N = 0: an empty [M, N] output (the bias unused)."""
+    a, a_s, b, b_s, bias = make_operands(M, N, 256, pair, gen, device, torch.bfloat16)
+    out = fp8_gemm(a, a_s, b, b_s, bias, out_dtype=torch.float16)
+    assert out.shape == (M, N) and out.dtype == torch.float16 and out.device == a.device

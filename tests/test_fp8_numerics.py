@@ -173,3 +173,29 @@ class TestInterpreterCasts:
         ties = (x.view(torch.int32) & ~0xFFFF) | 0x8000  # exactly halfway between two bf16
         x = torch.cat([x, ties.view(torch.float32)])
         assert torch.equal(self._convert(x, torch.bfloat16), x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "shape, granularity",
+    [((0, 300), "group"), ((3, 0, 300), "group"), ((0, 64), "token"), ((0, 64), "tensor"),
+     ((0, 300), "channel"), ((0, 300), "block"), ((5, 0), "block")],
+)  # fmt: skip
+def test_no_elements_quantize_to_empty_scales(shape, granularity):
+    """No rows (or columns): groups() views them as scale_shape + (elements,), and quantize
+    gives empty codes and scales of that shape (a per-tensor one: the floor scale)."""
+    x = torch.empty(shape)
+    want = fp8.scale_shape(shape, granularity)
+    assert fp8.groups(x, granularity).shape[:-1] == want
+    q, s = fp8.quantize(x, granularity)
+    assert q.shape == shape and s.shape == want
+    if granularity == "tensor":
+        assert torch.equal(s, fp8.scale_from_amax(torch.zeros(1)))
+
+
+def test_a_one_element_scale_is_per_tensor(gen):
+    assert all(fp8.is_per_tensor(torch.ones(shape)) for shape in ((), (1,), (1, 1), (1, 1, 1)))
+    assert not any(fp8.is_per_tensor(torch.ones(shape)) for shape in ((2,), (0,), (1, 2)))
+    x = randn(6, 144, gen=gen)
+    s = torch.full((1, 1), 0.01)
+    want = fp8.quantize(x, "tensor", s.reshape(1))[0]
+    assert torch.equal(fp8.quantize(x, "tensor", s)[0].view(torch.uint8), want.view(torch.uint8))

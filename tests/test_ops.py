@@ -176,3 +176,37 @@ def test_fake_tensor_shapes():
                 torch.empty(3, 40, dtype=torch.float8_e4m3fn),
                 torch.empty(1),
             )
+
+
+def test_zero_size_inputs_pass_opcheck(device, gen):
+    """The early returns for zero-size inputs keep each op's schema and fake: opcheck passes."""
+    torch.library.opcheck(
+        torch.ops.fp8nemo.quantize_fp8.default, (torch.empty(0, 300, device=device), "group")
+    )
+    q, k = (randn(2, 0, h, 64, gen=gen, dtype=torch.bfloat16, device=device) for h in (4, 2))
+    torch.library.opcheck(torch.ops.fp8nemo.flash_attention.default, (q, k, k.clone()),
+                          {"return_lse": True})  # fmt: skip
+    qd = randn(3, 4, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    cache = torch.empty(3, 0, 2, 64, dtype=torch.bfloat16, device=device)
+    lens = torch.zeros(3, dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.fp8nemo.decode_attention.default, (qd, cache, cache, lens))
+
+
+def test_fake_tensors_get_the_overlap_check():
+    """The in-place ops refuse aliased arguments under fake tensors too (torch.compile traces
+    through the fake), from shapes and strides alone; disjoint views of one buffer pass."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fp8nemo.kernels import rope_cache
+
+    table = rope_cache(64, 16, 1e4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        qkv = torch.empty(5, 8, 64)
+        positions = torch.arange(5)
+        torch.ops.fp8nemo.rope_(qkv[:, :4], qkv[:, 4:6], positions, table)
+        with pytest.raises(ValueError, match="q and k share memory"):
+            torch.ops.fp8nemo.rope_(qkv[:, :4], qkv[:, 3:5], positions, table)
+        with pytest.raises(ValueError, match="q is written in place but several"):
+            torch.ops.fp8nemo.rope_(
+                torch.empty(1, 4, 64).expand(5, 4, 64), qkv[:, 4:6], positions, table
+            )

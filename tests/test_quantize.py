@@ -167,3 +167,55 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
 def test_bad_input_is_a_clear_error(kwargs, error, match):
     check_bad_input(quantize_fp8, kwargs, error, match)
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 300)])
+@pytest.mark.parametrize("granularity", ["tensor", "token", "group"])
+@pytest.mark.parametrize("static", [False, True])
+def test_zero_rows_give_empty_codes_and_scales(shape, granularity, static, device, gen):
+    """No rows: empty codes and scales of the granularity's (empty) shape; a per-tensor scale is
+    the floor scale of an all-zero tensor when dynamic, the given one when static."""
+    x = torch.empty(shape, device=device)
+    want_shape = fp8.scale_shape(shape, granularity)
+    scale = None
+    if static:
+        scale = (torch.rand(want_shape, generator=gen) * 0.02 + 0.003).to(device)
+    q, s = quantize_fp8(x, granularity, scale=scale)
+    assert (
+        q.shape == shape and q.dtype == E4M3 and s.shape == want_shape and s.dtype == torch.float32
+    )
+    want_q, want_s = fp8.quantize(x.cpu(), granularity, None if scale is None else scale.cpu())
+    assert want_q.shape == shape and torch.equal(want_s.reshape(want_shape), s.cpu())
+    if granularity == "tensor" and not static:
+        assert torch.equal(s.cpu(), fp8.scale_from_amax(torch.zeros(1)))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token", "group"])
+@pytest.mark.parametrize("value", [0.0, -0.01, float("nan"), float("inf")])
+def test_static_scale_that_makes_nan_is_refused(granularity, value, gen):
+    """A static scale of 0 (x / 0 = inf, saturated to 448), negative, NaN or inf turns finite
+    input into garbage: refused, naming the value."""
+    x = randn(4, 300, gen=gen)
+    scale = torch.rand(fp8.scale_shape(x.shape, granularity), generator=gen) * 0.02 + 0.003
+    scale.view(-1)[-1] = value
+    seen = torch.tensor(value).item()  # as fp32 holds it
+    with pytest.raises(ValueError, match=f"scale must be positive and finite; got {seen}"):
+        quantize_fp8(x, granularity, scale=scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1, 1), ()])
+def test_static_per_tensor_scale_of_any_one_element_shape(shape, device, gen):
+    """A [1, 1] per-tensor scale (as checkpoints and vLLM store it) is a per-tensor scale."""
+    x = randn(9, 144, gen=gen, device=device, scale=3.0)
+    scale = torch.full(shape, 0.011, device=device)
+    q, s = quantize_fp8(x, "tensor", scale=scale)
+    assert s.shape == (1,) and s.item() == scale.item()
+    check_against_reference(x, "tensor", scale=scale.reshape(1))
+    assert_codes_equal(
+        q, fp8.quantize(x.cpu(), "tensor", scale.cpu().reshape(1))[0], "[1, 1] scale"
+    )
+
+
+def test_bool_is_not_a_group_size():
+    with pytest.raises(TypeError, match="group_size must be int; got bool"):
+        quantize_fp8(torch.ones(4, 16), "token", group_size=True)

@@ -7,7 +7,14 @@ import math
 
 import pytest
 import torch
-from helpers import UNIT_ROUNDOFF, assert_codes_equal, assert_within, check_bad_input, randn
+from helpers import (
+    E4M3_NAN_CODE,
+    UNIT_ROUNDOFF,
+    assert_codes_equal,
+    assert_within,
+    check_bad_input,
+    randn,
+)
 
 from fp8nemo.kernels import rope_, rope_cache, rope_kv_cache_
 from fp8nemo.kernels.rope import kv_cache_write_reference, rope_reference
@@ -318,7 +325,7 @@ ROPE_BAD = [
     (rope_args(k=torch.randn(5, 2, 64, dtype=torch.float16)), TypeError, "k must have dtype float32"),
     (rope_args(k=torch.randn(5, 2, 32)), ValueError, "T and D must match"),
     (rope_args(q=torch.randn(5, 4, 64).to(torch.int8)), TypeError, "q must have dtype"),
-    (rope_args(cos_sin_cache=rope_cache(128, 16, 1e4)), ValueError, "rot_dim even and <= D"),
+    (rope_args(cos_sin_cache=rope_cache(128, 16, 1e4)), ValueError, "rot_dim even, positive and <= D"),
     (rope_args(cos_sin_cache=rope_cache(64, 16, 1e4).double()), TypeError, "cos_sin_cache must have dtype float32"),
     (rope_args(q=torch.randn(5, 64, 4).transpose(1, 2)), ValueError, "q must have unit stride along D"),
     (rope_args(q="q"), TypeError, "q must be torch.Tensor"),
@@ -346,7 +353,7 @@ def cache_args(cache_dtype=torch.bfloat16, **kw):
 CACHE_BAD = [
     (cache_args(E4M3, k_scale=None), ValueError, "an e4m3 cache needs k_scale"),
     (cache_args(k_scale=torch.ones(1)), ValueError, "k_scale applies to an e4m3 cache only"),
-    (cache_args(E4M3, v_scale=torch.ones(3)), ValueError, r"v_scale must be \[Hk\] = \[2\] or a scalar"),
+    (cache_args(E4M3, v_scale=torch.ones(3)), ValueError, r"v_scale must be \[Hk\] = \[2\] or one element"),
     (cache_args(slots=torch.tensor([0, 1, 2, 3, 16])), ValueError, r"slots must lie in \[-1, 16\)"),
     (cache_args(k_cache=torch.zeros(2, 8, 4, 64, dtype=torch.bfloat16)), ValueError, r"\[B, S_max, Hk, D\]"),
     (cache_args(v_cache=torch.zeros(2, 8, 2, 64, dtype=torch.float16)), TypeError, "v_cache must have dtype"),
@@ -386,3 +393,189 @@ def test_yarn_attention_factor_scales_cos_and_sin():
     assert plain[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)
     cache = rope_cache(128, 64, 1e6, scaling)
     assert torch.allclose(cache[0, :64], torch.full((64,), plain[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place arguments own their memory; values that would make NaN/inf are refused.
+
+
+def test_disjoint_views_of_one_buffer_are_rotated_once(device, gen):
+    """q and k as views of a fused qkv buffer ([T, Hq + 2 Hk, D], vLLM's layout) interleave in
+    memory without sharing an element: accepted, and each rotated exactly once."""
+    T, HQ, HK, D = 9, 4, 2, 64
+    qkv = randn(T, HQ + 2 * HK, D, gen=gen, device=device)
+    q, k = qkv[:, :HQ], qkv[:, HQ : HQ + HK]
+    positions = torch.randint(0, 512, (T,), generator=gen)
+    cos_sin = rope_cache(D, 512, 1e4)
+    want_q, want_k = rope_reference(q.cpu(), k.cpu(), positions, cos_sin)
+    v_before = qkv[:, HQ + HK :].clone()
+    rope_(q, k, positions.to(device), cos_sin.to(device))
+    bound = lambda x, ref: rotation_bound(x, ref, cos_sin, positions, torch.float32)  # noqa: E731
+    assert_within(q, want_q, bound(want_q, want_q), "q view")
+    assert_within(k, want_k, bound(want_k, want_k), "k view")
+    assert torch.equal(qkv[:, HQ + HK :], v_before), "v's third of the buffer is not touched"
+
+
+def aliased(kind, gen):
+    """rope_ arguments whose written tensors share memory."""
+    T, D = 5, 64
+    x = torch.randn(T, 6, D, generator=gen)
+    table = rope_cache(D, 16, 1e4)
+    args = dict(q=x[:, :4], k=x[:, 4:], positions=torch.arange(T), cos_sin_cache=table)
+    if kind == "q expanded along T":
+        args["q"] = torch.randn(1, 4, D, generator=gen).expand(T, 4, D)
+    elif kind == "k expanded along H":
+        args["k"] = torch.randn(T, 1, D, generator=gen).expand(T, 2, D)
+    elif kind == "q is k":
+        args["k"] = args["q"]
+    elif kind == "q and k overlap":
+        args["k"] = x[:, 3:5]
+    elif kind == "k inside the table":
+        args["q"] = torch.randn(T, 4, D, generator=gen)
+        args["k"] = table[: T * 2].view(T, 2, D)
+    return args
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("q expanded along T", "q is written in place but several of its elements share memory"),
+        ("k expanded along H", "k is written in place but several of its elements share memory"),
+        ("q is k", "q and k share memory and both are written in place"),
+        ("q and k overlap", "q and k share memory and both are written in place"),
+        ("k inside the table", "k and cos_sin_cache share memory and k is written in place"),
+    ],
+)
+def test_rope_refuses_aliased_in_place_arguments(kind, match, gen):
+    args = aliased(kind, gen)
+    before = {n: t.clone() for n, t in args.items()}
+    with pytest.raises(ValueError, match=match):
+        rope_(**args)
+    for n, t in args.items():
+        assert torch.equal(t, before[n]), f"{n} changed before the error"
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("k_cache is v_cache", "k_cache and v_cache share memory and both are written"),
+        ("k_cache overlaps v_cache", "k_cache and v_cache share memory"),
+        ("v inside v_cache", "v_cache and v share memory and v_cache is written"),
+        ("k inside k_cache", "k and k_cache share memory and both are written"),
+        ("k_cache expanded", "k_cache is written in place but several of its elements share"),
+        ("q is k", "q and k share memory"),
+    ],
+)
+def test_rope_kv_cache_refuses_aliased_in_place_arguments(kind, match, gen):
+    args = cache_args(
+        k=torch.randn(5, 2, 64, generator=gen), v=torch.randn(5, 2, 64, generator=gen)
+    )
+    buf = torch.randn(4, 8, 2, 64, generator=gen).bfloat16()
+    if kind == "k_cache is v_cache":
+        args["v_cache"] = args["k_cache"]
+    elif kind == "k_cache overlaps v_cache":
+        args["k_cache"], args["v_cache"] = buf[:2], buf[1:3]
+    elif kind in ("v inside v_cache", "k inside k_cache"):
+        args["k_cache"], args["v_cache"] = buf[:2], buf[2:]
+        args["q"], args["k"], args["v"] = (args[n].bfloat16() for n in ("q", "k", "v"))
+        if kind == "v inside v_cache":
+            args["v"] = args["v_cache"][1, :5]
+        else:
+            args["k"] = args["k_cache"][0, 2:7]
+    elif kind == "k_cache expanded":
+        args["k_cache"] = torch.randn(1, 8, 2, 64, generator=gen).bfloat16().expand(2, 8, 2, 64)
+        args["v_cache"] = torch.randn(1, 8, 2, 64, generator=gen).bfloat16().expand(2, 8, 2, 64)
+    elif kind == "q is k":
+        args["q"] = args["k"]
+    with pytest.raises(ValueError, match=match):
+        rope_kv_cache_(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (rope_args(cos_sin_cache=torch.empty(16, 0)), ValueError, "cos_sin_cache must be .* positive"),
+        (rope_args(interleaved="yes"), TypeError, "interleaved must be bool; got str"),
+        (rope_args(interleaved=1), TypeError, "interleaved must be bool; got int"),
+    ],
+)  # fmt: skip
+def test_rope_table_and_flags(kwargs, error, match):
+    check_bad_input(rope_, kwargs, error, match)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (cache_args(cos_sin_cache=torch.empty(16, 0)), ValueError, "cos_sin_cache must be .* positive"),
+        (cache_args(interleaved="yes"), TypeError, "interleaved must be bool; got str"),
+        (cache_args(E4M3, k_scale=torch.zeros(1)), ValueError, "k_scale must be positive and finite; got 0.0"),
+        (cache_args(E4M3, v_scale=torch.tensor([0.1, -0.1])), ValueError, "v_scale must be positive and finite; got -0.1"),
+        (cache_args(E4M3, k_scale=torch.full((), float("nan"))), ValueError, "k_scale must be positive and finite; got nan"),
+        (cache_args(E4M3, v_scale=torch.full((2,), float("inf"))), ValueError, "v_scale must be positive and finite; got inf"),
+    ],
+)  # fmt: skip
+def test_rope_kv_cache_scales_and_flags(kwargs, error, match):
+    check_bad_input(rope_kv_cache_, kwargs, error, match)
+
+
+def test_one_element_kv_scales_of_any_shape(device, gen):
+    """k_scale / v_scale [1, 1] (as checkpoints store them) are per-tensor scales like [1]."""
+    T, HQ, HK, D = 7, 4, 2, 64
+    cos_sin = rope_cache(D, 64, 1e4).to(device)
+    positions, slots = (
+        torch.arange(T, device=device),
+        torch.randperm(16, generator=gen)[:T].to(device),
+    )
+    outs = []
+    for shape in ((1,), (1, 1)):
+        q, k, v = (randn(T, h, D, gen=torch.Generator().manual_seed(1), device=device)
+                   for h in (HQ, HK, HK))  # fmt: skip
+        caches = [torch.full((2, 8, HK, D), E4M3_NAN_CODE, dtype=torch.uint8, device=device).view(E4M3)
+                  for _ in range(2)]  # fmt: skip
+        scale = torch.full(shape, 0.02, device=device)
+        rope_kv_cache_(q, k, v, positions, cos_sin, *caches, slots, k_scale=scale, v_scale=scale)
+        outs.append([c.view(torch.uint8) for c in caches])
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_zero_tokens(device, gen):
+    """T = 0: nothing to rotate or write, on both ops."""
+    q, k, v = (torch.empty(0, h, 64, device=device) for h in (4, 2, 2))
+    table = rope_cache(64, 16, 1e4, device=device)
+    none = torch.empty(0, dtype=torch.int64, device=device)
+    assert rope_(q, k, none, table)[0].shape == (0, 4, 64)
+    cache = randn(1, 4, 2, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    before = cache.clone()
+    rope_kv_cache_(q, k, v, none, table, cache, cache.clone(), none)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((64, 16, float("nan")), "theta must be positive and finite; got nan"),
+        ((64, 16, float("inf")), "theta must be positive and finite; got inf"),
+        ((64, 16, 1e4, {"rope_type": "linear", "factor": 0.0}), "'factor' must be a positive finite number; got 0.0"),
+        ((64, 16, 1e4, {"rope_type": "linear", "factor": -2.0}), "'factor' must be a positive finite number"),
+        ((64, 16, 1e4, {"rope_type": "linear", "factor": float("inf")}), "'factor' must be a positive finite number; got inf"),
+        ((64, 16, 1e4, {"rope_type": "linear", "factor": "4"}), "'factor' must be a positive finite number; got '4'"),
+        ((64, 16, 1e4, {"rope_type": "dynamic", "factor": float("nan"), "max_position_embeddings": 8}), "'factor' must be a positive finite number; got nan"),
+        ((2, 16, 1e4, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 8}), "dynamic NTK scaling needs rot_dim > 2"),
+        ((64, 16, 1e4, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 0}), "'max_position_embeddings' must be a positive int; got 0"),
+        ((64, 16, 1e4, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": -8}), "'max_position_embeddings' must be a positive int; got -8"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}), "'original_max_position_embeddings' must be a positive int; got 0"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "original_max_position_embeddings": 4096.0}), "'original_max_position_embeddings' must be a positive int; got 4096.0"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": -4.0, "original_max_position_embeddings": 8}), "'factor' must be a positive finite number"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": -32}), "'beta_fast' must be a positive finite number; got -32"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_slow": float("nan")}), "'beta_slow' must be a positive finite number; got nan"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "attention_factor": 0.0}), "'attention_factor' must be a positive finite number; got 0.0"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": float("inf"), "mscale_all_dim": 1.0}), "'mscale' must be a finite number >= 0; got inf"),
+        ((64, 16, 1e4, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "truncate": "no"}), "'truncate' must be a bool; got 'no'"),
+        ((64, 16, 1e4, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}), "'high_freq_factor' must be greater than 'low_freq_factor'; got 4.0 and 4.0"),
+        ((64, 16, 1e4, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": float("nan"), "high_freq_factor": 4.0, "original_max_position_embeddings": 8}), "'low_freq_factor' must be a positive finite number; got nan"),
+        ((64, 16, 1e4, {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}), "'factor' must be a positive finite number; got 0"),
+    ],
+)  # fmt: skip
+def test_rope_cache_refuses_values_that_make_nan(args, match):
+    with pytest.raises(ValueError, match=match):
+        rope_cache(*args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from fp8nemo.quant import fp8 as fp8_ref
 
 logger = logging.getLogger("fp8nemo")
 
@@ -247,16 +250,18 @@ def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 
 
 def check_types(**named: tuple[object, type | tuple[type, ...]]) -> None:
-    """TypeError naming the first argument whose value is not of its allowed type(s)."""
+    """TypeError naming the first argument whose value is not of its allowed type(s). A bool is
+    not taken for an int or float (True is an int to Python, not a window or a scale)."""
     for name, (value, types) in named.items():
-        if not isinstance(value, types):
+        types = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             allowed = " or ".join(
                 "None"
                 if t is type(None)
                 else t.__qualname__
                 if t.__module__ == "builtins"
                 else f"{t.__module__}.{t.__qualname__}"
-                for t in (types if isinstance(types, tuple) else (types,))
+                for t in types
             )
             raise TypeError(f"{name} must be {allowed}; got {type(value).__name__}")
 
@@ -296,9 +301,30 @@ def check_in_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -
         raise ValueError(f"{name} must lie in [{low}, {high}) ({what}); got values in [{lo}, {hi}]")
 
 
+def check_positive_finite(name: str, value: float | torch.Tensor | None) -> None:
+    """ValueError unless `value` (a number, or every element of a tensor where value checks run)
+    is positive and finite: a scale of 0, a negative, NaN or inf one turns finite input into
+    NaN/inf without a word."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or not value_checks_enabled(value):
+            return
+        bad = ~(value.isfinite() & (value > 0))
+        if not bad.any():
+            return
+        seen = value[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} must be positive and finite; got {seen} "
+            f"({int(bad.sum())} of {value.numel()} elements are not)"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite; got {value}")
+
+
 def check_scales(scales: dict, fp8: bool, what: str, shape: tuple, shape_text: str) -> None:
-    """fp32 dequant scales, given exactly when the data (`what`) is e4m3: each a scalar ([] or
-    [1]) or of `shape`."""
+    """fp32 dequant scales, given exactly when the data (`what`) is e4m3: each one element (per
+    tensor, any shape) or of `shape`, and positive and finite."""
     names = list(scales)
     listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
     for name, t in scales.items():
@@ -309,15 +335,16 @@ def check_scales(scales: dict, fp8: bool, what: str, shape: tuple, shape_text: s
         if t is None:
             raise ValueError(f"{what} needs {listed}; {name} is None")
         check_tensor(name, t, (torch.float32,))
-        if not (t.numel() == 1 and t.dim() <= 1) and tuple(t.shape) != tuple(shape):
+        if not fp8_ref.is_per_tensor(t) and tuple(t.shape) != tuple(shape):
             raise ValueError(
-                f"{name} must be {shape_text} or a scalar ([] / [1]); got {list(t.shape)}"
+                f"{name} must be {shape_text} or one element (per tensor); got {list(t.shape)}"
             )
+        check_positive_finite(name, t)
 
 
 def descale_strides(descale: torch.Tensor | None) -> tuple[int, int]:
-    """(batch, head) strides of a [B, Hk] descale as a kernel reads it; a scalar broadcasts."""
-    if descale is None or descale.numel() == 1:
+    """(batch, head) strides of a [B, Hk] descale as a kernel reads it; one element broadcasts."""
+    if descale is None or fp8_ref.is_per_tensor(descale):
         return 0, 0
     return descale.stride(0), descale.stride(1)
 
@@ -339,6 +366,94 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
                 f"all tensors must be on one device"
             )
     return device
+
+
+def _layout(t: torch.Tensor) -> tuple[int, list[tuple[int, int]]]:
+    """(first byte in its storage, [(size, byte stride)] outermost first) of `t`: size-1 dims
+    dropped, the element's own bytes as the innermost dim."""
+    size = t.element_size()
+    dims = sorted(
+        ((n, s * size) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1),
+        key=lambda dim: -dim[1],
+    )
+    return t.storage_offset() * size, [*dims, (size, 1)]
+
+
+def _extent(dims) -> int:
+    return sum((n - 1) * s for n, s in dims)
+
+
+def _self_overlaps(dims) -> bool:
+    """Whether two elements share a byte: unless each stride clears everything the dims inside
+    it reach (a stride-0 dim of size > 1 never does)."""
+    reach = -1
+    for n, s in reversed(dims):
+        if s <= reach:
+            return True
+        reach += (n - 1) * s
+    return False
+
+
+def _may_meet(a0: int, a: list, b0: int, b: list) -> bool:
+    """Whether byte sets {a0 + sum i_d s_d} and {b0 + ...} of two self-disjoint layouts meet.
+    Exact where they share their outer stride (views of one buffer: q and k of a fused qkv) or
+    few rows of one cross the other; otherwise it answers True (refusing, not guessing)."""
+    if a0 + _extent(a) < b0 or b0 + _extent(b) < a0:
+        return False
+    if not a and not b:
+        return True
+    if a and b and a[0][1] == b[0][1]:
+        # Rows of one pitch s: row i of a meets row j of b only where i - j = k puts them less
+        # than a row apart (every inner extent is below s), which leaves two values of k.
+        (na, s), (nb, _) = a[0], b[0]
+        delta = b0 - a0
+        return any(
+            -(nb - 1) <= k <= na - 1 and _may_meet(0, a[1:], delta - k * s, b[1:])
+            for k in {delta // s, -(-delta // s)}
+        )
+    if not a or (b and b[0][1] > a[0][1]):
+        a0, a, b0, b = b0, b, a0, a
+    # Split the layout with the wider outer stride into its rows that cross the other's range.
+    (n, s), inner = a[0], a[1:]
+    first = max(0, -(-(b0 - _extent(inner) - a0) // s))
+    last = min(n - 1, (b0 + _extent(b) - a0) // s)
+    if last - first >= 64:
+        return True
+    return any(_may_meet(a0 + i * s, inner, b0, b) for i in range(first, last + 1))
+
+
+def check_no_overlap(written: dict, read: dict) -> None:
+    """ValueError unless every tensor in `written` (written in place by the op) has no two
+    elements in one place and shares no byte with another argument. Reads shapes, strides and
+    storages only: no device sync, valid under CUDA graphs and on fake tensors."""
+    named = {n: t for n, t in {**written, **read}.items() if t is not None and t.numel() > 0}
+    for name in written:
+        t = named.get(name)
+        if t is not None and not t.is_contiguous() and _self_overlaps(_layout(t)[1]):
+            raise ValueError(
+                f"{name} is written in place but several of its elements share memory (shape "
+                f"{list(t.shape)}, strides {list(t.stride())}: a stride-0 dim of size > 1, e.g. "
+                f"from expand); pass a tensor with its own memory (.contiguous())"
+            )
+    storages = {n: (t.device, t.untyped_storage()._cdata) for n, t in named.items()}
+    layouts = {}
+    names = list(named)
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            if (name not in written and other not in written) or storages[name] != storages[other]:
+                continue
+            for n in (name, other):
+                layouts.setdefault(n, _layout(named[n]))
+            (a0, a), (b0, b) = layouts[name], layouts[other]
+            if _may_meet(a0, a, b0, b):
+                which = (
+                    "both are" if name in written and other in written
+                    else f"{name if name in written else other} is"
+                )  # fmt: skip
+                raise ValueError(
+                    f"{name} and {other} share memory and {which} written in place; pass "
+                    f"tensors that do not overlap"
+                )
 
 
 # Passed to every launch: FMA contraction stays on whatever Triton's default becomes (3.9 warns

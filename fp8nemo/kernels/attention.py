@@ -6,7 +6,7 @@ Shapes:
     q      [B, S, Hq, D]  or packed [T, Hq, D] with cu_seqlens [B + 1] int32 and max_seqlen
     k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16
     out    like q (bf16 for e4m3 input);  lse [B, Hq, S] or [Hq, T] fp32, natural log
-    q/k/v_descale  [B, Hk] or [] / [1] fp32 (e4m3 only): x ~= x_fp8 * descale
+    q/k/v_descale  [B, Hk] or one element fp32 (e4m3 only), positive: x ~= x_fp8 * descale
 
 One program owns BLOCK_Q queries of one sequence for all G = Hq / Hk query heads of one KV
 head: its rows are (query, head) pairs, so each K/V tile is loaded once for the whole group.
@@ -29,6 +29,7 @@ from ._triton import (
     KernelConfig,
     Launch,
     capability,
+    check_positive_finite,
     check_same_device,
     check_scales,
     check_tensor,
@@ -47,6 +48,8 @@ MAX_HEAD_DIM = 256
 # high in e4m3's range (max 448) without saturating.
 P_SCALE = tl.constexpr(256.0)
 LOG2E = tl.constexpr(math.log2(math.e))  # softmax runs in base 2 (exp2)
+# Keys and columns per step of the exact pass (_store_exact): small tiles, for its registers.
+EXACT_BLOCK = tl.constexpr(32)
 LN2 = tl.constexpr(math.log(2.0))
 
 
@@ -68,8 +71,10 @@ HOPPER_CONFIGS = {
 ADA_CONFIGS = {
     "half": [_config("a", 128, 64, 8, 2), _config("a", 64, 64, 4, 2)],
     "fp8": [_config("a", 128, 64, 8, 2), _config("a", 64, 64, 4, 2)],
-    "half-wide": [_config("a", 64, 32, 4, 2)],
-    "fp8-wide": [_config("a", 64, 32, 4, 2)],
+    # 8 warps: with 4, the [64, 256] accumulator alone takes 128 registers a thread and the
+    # exact pass for non-finite V (_store_exact) no longer fits beside the main loop.
+    "half-wide": [_config("a", 64, 32, 8, 2)],
+    "fp8-wide": [_config("a", 64, 32, 8, 2)],
 }
 # Big tiles for the interpreter, which pays per program and per block.
 INTERPRETER_CONFIGS = [_config("i", 256, 128, 4, 1)]
@@ -80,6 +85,24 @@ def configs_for(cap: tuple[int, int], head_dim: int, fp8: bool) -> list[KernelCo
         return INTERPRETER_CONFIGS
     kind = ("fp8" if fp8 else "half") + ("-wide" if head_dim > 128 else "")
     return (HOPPER_CONFIGS if cap >= (9, 0) else ADA_CONFIGS)[kind]
+
+
+@triton.jit
+def _visible(qi, kj, seqlen, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # Whether the query at position qi sees the key at kj (broadcasting): a key of its sequence,
+    # not after it (causal), inside its window.
+    ok = kj < seqlen
+    if CAUSAL:
+        ok = ok & (kj <= qi)
+    if WINDOW:
+        ok = ok & (kj > qi - window)
+    return ok
+
+
+@triton.jit
+def _nonfinite(x):
+    x = x.to(tl.float32)
+    return (x != x) | (tl.abs(x) == float("inf"))
 
 
 @triton.jit
@@ -105,11 +128,7 @@ def _attn_range(
         k = tl.load(k_base + kj_off * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         if (n0 < full_lo) | (n0 >= full_hi):
-            ok = (kj < seqlen)[None, :]
-            if CAUSAL:
-                ok = ok & (kj[None, :] <= qi[:, None])
-            if WINDOW:
-                ok = ok & (kj[None, :] > qi[:, None] - window)
+            ok = _visible(qi[:, None], kj[None, :], seqlen, window, CAUSAL, WINDOW)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf.
@@ -125,6 +144,56 @@ def _attn_range(
         acc = acc * alpha[:, None] + pv
         m = m_new
     return acc, l, m
+
+
+@triton.jit
+def _store_exact(
+    o_rows, q_rows, row_ok, k_base, v_base, stride_ks, stride_vs,
+    qi, seqlen, window, scale, m, l, out_scale,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr, OFFSET_64: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    # The output formed again over the sequence's keys from the final row max m and sum l (K
+    # alone sets them), for a program whose acc came out non-finite: a NaN or inf in V may sit
+    # at a key some row does not see, which the MMA still gave that row as 0 * NaN = NaN. Here V
+    # goes to the MMA with its non-finite entries as 0, and a count of each row's visible
+    # non-finite entries (a second MMA) makes NaN exactly where the math has one. BLOCK_N keys
+    # and COLS columns at a time with q and k read again: with small tiles it fits beside what
+    # the main loop holds (keeping P or a copy of acc there would spill). Slow, but only such
+    # input takes it.
+    offs_n = tl.arange(0, BLOCK_N)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    for c in range(0, BLOCK_D, COLS):
+        dc = c + tl.arange(0, COLS)
+        dc_ok = (dc < HEAD_DIM)[None, :]
+        acc = tl.zeros([q_rows.shape[0], COLS], tl.float32)
+        seen_bad = tl.zeros([q_rows.shape[0], COLS], tl.float32)
+        for n0 in range(0, seqlen, BLOCK_N):
+            kj = n0 + offs_n
+            kj_off = kj.to(tl.int64)[:, None] if OFFSET_64 else kj[:, None]
+            in_seq = (kj < seqlen)[:, None]
+            s = tl.zeros([q_rows.shape[0], BLOCK_N], tl.float32)
+            for e in range(0, BLOCK_D, COLS):
+                de = e + tl.arange(0, COLS)
+                de_ok = (de < HEAD_DIM)[None, :]
+                q = tl.load(q_rows[:, None] + de[None, :], mask=row_ok[:, None] & de_ok, other=0.0)
+                k = tl.load(k_base + kj_off * stride_ks + de[None, :], mask=de_ok & in_seq,
+                            other=0.0)  # fmt: skip
+                s += tl.dot(q, tl.trans(k))
+            seen = _visible(qi[:, None], kj[None, :], seqlen, window, CAUSAL, WINDOW)
+            p = tl.where(seen, tl.math.exp2(s * scale - m_safe[:, None]), 0.0)
+            v = tl.load(v_base + kj_off * stride_vs + dc[None, :], mask=dc_ok & in_seq, other=0.0)
+            bad = _nonfinite(v)
+            v = tl.where(bad, 0.0, v.to(tl.float32)).to(v.dtype)
+            if FP8:
+                p = (p * P_SCALE).to(tl.float8e4nv)
+            else:
+                p = p.to(v.dtype)
+            acc += tl.dot(p, v)
+            seen_bad += tl.dot(seen.to(tl.float32).to(v.dtype), bad.to(tl.float32).to(v.dtype))
+        out = tl.where(seen_bad > 0, float("nan"), acc / l[:, None] * out_scale)
+        tl.store(o_rows[:, None] + dc[None, :], out.to(o_rows.dtype.element_ty),
+                 mask=row_ok[:, None] & dc_ok)  # fmt: skip
 
 
 @triton.jit
@@ -196,12 +265,27 @@ def _attention_kernel(
     )  # fmt: skip
 
     l_safe = tl.where(l == 0.0, 1.0, l)
-    out = acc / l_safe[:, None]
+    out_scale = 1.0
     if FP8:
-        out = out * (tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh) / P_SCALE)
-    o_rows = b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
-    tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)  # fmt: skip
+        out_scale = tl.load(v_desc_ptr + b * stride_vdb + kvh * stride_vdh) / P_SCALE
+    o_rows = o_ptr + b.to(tl.int64) * stride_ob + tok * stride_os + head * stride_oh
+    # A hidden key must count for nothing whatever its K and V hold. Its score is -inf, so P is
+    # 0 there, but the MMA forms 0 * NaN = NaN: a NaN or inf in V turns its column of acc
+    # non-finite in every row. One check per program after the loop (acc * 0 is NaN exactly
+    # where acc is not finite; sums carry it), and such a program forms its output again; one
+    # whose non-finite values are all visible gets the same again. The loop pays nothing.
+    flag = tl.sum(tl.where(row_ok, tl.sum(acc * 0.0, 1), 0.0), 0)
+    if flag != flag:
+        _store_exact(
+            o_rows, q_ptr + (b.to(tl.int64) * stride_qb + head * stride_qh) + tok * stride_qs,
+            row_ok, k_base, v_base, stride_ks, stride_vs, qi, seqlen, window, scale,
+            m, l_safe, out_scale, CAUSAL, WINDOW, FP8, OFFSET_64, HEAD_DIM, BLOCK_D,
+            EXACT_BLOCK, EXACT_BLOCK if BLOCK_D > EXACT_BLOCK else BLOCK_D,
+        )  # fmt: skip
+    else:
+        out = acc / l_safe[:, None] * out_scale
+        tl.store(o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok)  # fmt: skip
     if STORE_LSE:
         lse = tl.where(l == 0.0, float("-inf"), (m + tl.math.log2(l_safe)) * LN2)
         lse_rows = b.to(tl.int64) * stride_lb + head * stride_lh + tok * stride_ls
@@ -229,7 +313,7 @@ def attention_reference(
     if not packed:
         B, S = q.shape[:2]
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))
-        cu_seqlens = torch.arange(0, (B + 1) * S, S)
+        cu_seqlens = torch.arange(B + 1) * S
     cu = cu_seqlens.tolist()
     Hq, D = q.shape[1], q.shape[2]
     G = Hq // k.shape[1]
@@ -239,6 +323,8 @@ def attention_reference(
     for b in range(len(cu) - 1):
         rows = slice(cu[b], cu[b + 1])
         n = cu[b + 1] - cu[b]
+        if n == 0:  # an empty sequence has no rows to fill
+            continue
         qb, kb, vb = (t[rows].to(acc_dtype).transpose(0, 1) for t in (q, k, v))  # [H, n, D]
         if fp8:
             Hk = k.shape[1]
@@ -261,7 +347,13 @@ def attention_reference(
         lse[:, rows] = (m + l.log()).squeeze(-1)
         if quantize_p:  # P * 256 rounded to e4m3; the row sum stays unquantized
             p = fp8_ref.saturating_cast(p * P_SCALE.value).to(acc_dtype) / P_SCALE.value
-        out[rows] = ((p @ vb) / l.masked_fill(l == 0, 1.0)).transpose(0, 1)
+        # A hidden key has P = 0, but 0 * NaN = NaN: V's non-finite entries are left out of
+        # P @ V, and make NaN in the rows that see their key, as the math says.
+        finite = vb.isfinite()
+        pv = p @ vb.masked_fill(~finite, 0.0)
+        seen_bad = visible.to(acc_dtype) @ (~finite).to(acc_dtype) > 0
+        pv = pv.masked_fill(seen_bad, float("nan"))
+        out[rows] = (pv / l.masked_fill(l == 0, 1.0)).transpose(0, 1)
     out = out.to(out_dtype)
     if not packed:
         out = out.unflatten(0, (B, S))
@@ -298,6 +390,12 @@ def _check_cu_seqlens(cu_seqlens, T, max_seqlen):
         )
 
 
+def _longest(max_seqlen, q):
+    """The longest a packed sequence can be: max_seqlen, but never past the T tokens there are
+    (no device sync, so it holds under CUDA graphs too). It sizes the grid and the tuning key."""
+    return min(max_seqlen, q.shape[0])
+
+
 def check_attention_params(head_dim, window, softmax_scale, causal=True):
     """The head_dim, window and softmax_scale rules flash and decode attention share."""
     if head_dim % 16 or not 16 <= head_dim <= MAX_HEAD_DIM:
@@ -310,8 +408,7 @@ def check_attention_params(head_dim, window, softmax_scale, causal=True):
             )
         if not causal:
             raise ValueError("window is Mistral's causal sliding window: it needs causal=True")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive; got {softmax_scale}")
+    check_positive_finite("softmax_scale", softmax_scale)
 
 
 def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
@@ -372,7 +469,7 @@ def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_
     packed = cu_seqlens is not None
     Hq, Hk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     if packed:
-        B, S = cu_seqlens.shape[0] - 1, max_seqlen
+        B, S = cu_seqlens.shape[0] - 1, _longest(max_seqlen, q)
         lead = lambda t: (0, *t.stride()[:2])  # noqa: E731  (no batch stride: rows are tokens)
         lse_strides = (0, lse.stride(0), 1) if lse is not None else (0, 0, 0)
     else:
@@ -414,6 +511,10 @@ def _flash_attention_impl(q, k, v, *, causal=True, softmax_scale=None, window=No
                     q_descale, k_descale, v_descale)  # fmt: skip
     out_dtype, lse_shape = _out_shapes(q, B)
     descales = (q_descale, k_descale, v_descale)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    if q.numel() == 0:  # no rows (and no lse rows), before the path choice so both agree
+        return out, (lse if return_lse else out.new_empty(0, dtype=torch.float32))
     if not use_triton(q.device, "flash_attention"):
         out, lse = attention_reference(
             q.cpu(), k.cpu(), v.cpu(), causal=causal, softmax_scale=softmax_scale, window=window,
@@ -421,11 +522,7 @@ def _flash_attention_impl(q, k, v, *, causal=True, softmax_scale=None, window=No
             q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         )  # fmt: skip
         return out, (lse if return_lse else lse.new_empty(0))
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
-    if q.numel() == 0:
-        return out, (lse if return_lse else out.new_empty(0, dtype=torch.float32))
-    S = max_seqlen if cu_seqlens is not None else q.shape[1]
+    S = _longest(max_seqlen, q) if cu_seqlens is not None else q.shape[1]
     G = q.shape[-2] // k.shape[-2]
     key = (q.device, q.dtype, q.shape[-1], causal, window is not None, cu_seqlens is not None,
            G, return_lse, m_bucket(S))  # fmt: skip

@@ -6,7 +6,7 @@ Shapes:
     q                 [B, Hq, D]  fp16 / bf16 (the new token, at position cache_seqlens - 1)
     k_cache, v_cache  [B, S_max, Hk, D]  q's dtype or e4m3, unit stride along D
     cache_seqlens     [B] int32: keys [0, L) of each sequence, the new token's included
-    k/v_descale       [B, Hk] or [] / [1] fp32 (e4m3 cache only)
+    k/v_descale       [B, Hk] or one element fp32 (e4m3 cache only), positive and finite
     out               [B, Hq, D]  q's dtype
 
 One program reads a chunk of one sequence's cache for one KV head and serves all G = Hq / Hk
@@ -290,14 +290,16 @@ _tuner = Autotuner("decode_attention")
 def _decode_attention_impl(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None,
                            window=None, k_descale=None, v_descale=None):  # fmt: skip
     _check_args(q, k_cache, v_cache, cache_seqlens, softmax_scale, window, k_descale, v_descale)
+    # Before the path choice, so both paths agree: no rows, or an empty cache (every length is
+    # 0), which attends to nothing: zeros, as the kernel gives a sequence without keys.
+    if q.numel() == 0 or k_cache.shape[1] == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if not use_triton(q.device, "decode_attention"):
         return decode_reference(
             q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale, window=window,
             k_descale=k_descale, v_descale=v_descale,
         )  # fmt: skip
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.numel() == 0:
-        return out
     B, Hq, D = q.shape
     S_max, Hk = k_cache.shape[1], k_cache.shape[2]
     num_splits = num_splits_for(B * Hk, S_max, num_sms(q.device))

@@ -3,8 +3,8 @@
 
 Shapes (the kernel computes C[m, n] = sum_k A[m, k] B[n, k]):
     a        [M, K]  e4m3, unit stride along K       b        [N, K]  e4m3 (nn.Linear weight)
-    a_scale  [] / [1] tensor, [M, 1] token, [M, ceil(K/128)] group
-    b_scale  [] / [1] tensor, [N, 1] channel, [ceil(N/128), ceil(K/128)] block
+    a_scale  one element (any shape) tensor, [M, 1] token, [M, ceil(K/128)] group
+    b_scale  one element (any shape) tensor, [N, 1] channel, [ceil(N/128), ceil(K/128)] block
     bias     [N]     out  [M, N] bf16 / fp16 / fp32
 
 Every 128-wide K-tile is promoted into an fp32 accumulator: Hopper's FP8 MMA accumulates in
@@ -253,7 +253,7 @@ def _scale_kinds(scale, rows, K, row_kind, block_kind, block_rows):
     """The scale granularities whose shape `scale` has, for an operand of `rows` x K."""
     shape = tuple(scale.shape)
     kinds = []
-    if scale.numel() == 1 and scale.dim() <= 1:
+    if fp8_ref.is_per_tensor(scale):
         kinds.append("tensor")
     if shape == (rows, 1):
         kinds.append(row_kind)
@@ -302,8 +302,9 @@ def _check_args(a, a_scale, b, b_scale, bias, out_dtype):
     kb, nb = math.ceil(K / SCALE_BLOCK), math.ceil(N / SCALE_BLOCK)
     raise ValueError(
         f"a_scale of shape {list(a_scale.shape)} and b_scale of shape {list(b_scale.shape)} are "
-        f"not a supported pair for a {list(a.shape)} and b {list(b.shape)}; use a_scale [] or [1] "
-        f"(tensor) or [{M}, 1] (token) with b_scale [] or [1] (tensor) or [{N}, 1] (channel), or "
+        f"not a supported pair for a {list(a.shape)} and b {list(b.shape)}; use a_scale of one "
+        f"element (tensor) or [{M}, 1] (token) with b_scale of one element (tensor) or [{N}, 1] "
+        f"(channel), or "
         f"a_scale [{M}, {kb}] (1x128 groups) with b_scale [{nb}, {kb}] (128x128 blocks)"
     )
 
@@ -378,11 +379,11 @@ def candidate_configs(a, b, block_scaled):
 def _fp8_gemm_impl(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
     a_kind, b_kind = _check_args(a, a_scale, b, b_scale, bias, out_dtype)
     M, N = a.shape[0], b.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:  # before the path choice, so both paths agree
+        return out
     if not use_triton(a.device, "fp8_gemm"):
         return fp8_ref.scaled_mm(a, a_scale, a_kind, b, b_scale, b_kind, bias, out_dtype)
-    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    if M == 0 or N == 0:
-        return out
     key = (a.device, a_kind, b_kind, bias is not None, out_dtype, m_bucket(M), N, a.shape[1])
 
     def run(config):

@@ -4,7 +4,8 @@ quantization with a given scale. Registered as `torch.ops.fp8nemo.quantize_fp8`.
 Shapes (leading dimensions of x are flattened into M rows):
     x      [M, K]  fp32 / fp16 / bf16, unit column stride, row stride stride_xm
     y      [M, K]  float8_e4m3fn, contiguous
-    scale  tensor [1] | token [M, 1] | group [M, ceil(K / G)], fp32 dequant multipliers
+    scale  tensor [1] | token [M, 1] | group [M, ceil(K / G)], fp32 dequant multipliers (a given
+           per-tensor scale may have any one-element shape)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fp8nemo.quant import fp8 as fp8_ref
 from ._triton import (
     INTERPRET,
     Launch,
+    check_positive_finite,
     check_same_device,
     check_tensor,
     check_types,
@@ -164,12 +166,14 @@ def _check_args(x, granularity, scale, group_size):
     if scale is not None:
         check_tensor("scale", scale, (torch.float32,))
         check_same_device(x=x, scale=scale)
-        per_tensor = granularity == "tensor" and scale.numel() == 1 and scale.dim() <= 1
+        per_tensor = granularity == "tensor" and fp8_ref.is_per_tensor(scale)
         if not per_tensor and tuple(scale.shape) != expected:
             raise ValueError(
                 f"scale for granularity={granularity!r} of x {list(x.shape)} must have shape "
-                f"{list(expected)}; got {list(scale.shape)}"
+                f"{list(expected)}{' (or any one element)' if granularity == 'tensor' else ''}; "
+                f"got {list(scale.shape)}"
             )
+        check_positive_finite("scale", scale)
     else:
         check_same_device(x=x)
     return expected
@@ -234,18 +238,21 @@ def _quantize_fp8_impl(x, granularity="token", *, scale=None, group_size=128):
             f"x with shape {list(x.shape)} and strides {list(x.stride())} cannot be viewed as "
             f"[M, K] rows; call .contiguous() first"
         ) from None
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
+    if x2.shape[0] == 0:  # no rows, before the path choice so both paths agree
+        if scale is not None:
+            return y, scale.reshape(scale_shape).clone()
+        out_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+        if granularity == "tensor":  # the scale of an all-zero tensor: the floor
+            out_scale.copy_(fp8_ref.scale_from_amax(torch.zeros(1)))
+        return y, out_scale
     if not use_triton(x.device, "quantize_fp8"):
         y, s = fp8_ref.quantize(x, granularity, scale, group_size)
         return y, s.reshape(scale_shape).clone()
-    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
     if scale is not None:
         out_scale = scale.reshape(scale_shape).clone()
     else:
         out_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
-    if x2.shape[0] == 0:
-        if scale is None and granularity == "tensor":
-            out_scale.copy_(fp8_ref.scale_from_amax(torch.zeros(1)))
-        return y, out_scale
     _launch(x2, y.view(-1, K), granularity, scale, out_scale, group_size)
     return y, out_scale
 

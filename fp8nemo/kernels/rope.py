@@ -28,6 +28,8 @@ from ._triton import (
     INTERPRET,
     Launch,
     check_in_range,
+    check_no_overlap,
+    check_positive_finite,
     check_same_device,
     check_scales,
     check_tensor,
@@ -63,12 +65,36 @@ def _inv_freq(
     if kind not in SCALING_TYPES:
         raise ValueError(f"scaling rope_type must be one of {SCALING_TYPES}; got {kind!r}")
 
-    def need(key):
-        if scaling.get(key) is None:
-            raise ValueError(
-                f"scaling of rope_type {kind!r} needs {key!r}; got keys {sorted(scaling)}"
+    def need(key, rule="positive", required=True):
+        """scaling[key] checked against `rule`: "positive" (finite number > 0), "non-negative"
+        (finite number >= 0), "length" (int > 0) or "bool"; None when absent and optional."""
+        value = scaling.get(key)
+        if value is None:
+            if required:
+                raise ValueError(
+                    f"scaling of rope_type {kind!r} needs {key!r}; got keys {sorted(scaling)}"
+                )
+            return None
+        if rule == "bool":
+            ok = isinstance(value, bool)
+        elif rule == "length":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        else:
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (value > 0 if rule == "positive" else value >= 0)
             )
-        return scaling[key]
+        if not ok:
+            allowed = {
+                "positive": "a positive finite number",
+                "non-negative": "a finite number >= 0",
+                "length": "a positive int",
+                "bool": "a bool",
+            }[rule]
+            raise ValueError(f"scaling {key!r} must be {allowed}; got {value!r}")
+        return value
 
     if kind == "linear":
         return 1.0 / (base**exponents) / need("factor"), 1.0
@@ -78,15 +104,22 @@ def _inv_freq(
         # a sequence of max_pos tokens. (HF reads the length from the config, not from
         # rope_scaling: pass it in the dict.)
         factor = need("factor")
-        original = scaling.get("max_position_embeddings") or need(
-            "original_max_position_embeddings"
+        original = need("max_position_embeddings", "length", required=False) or need(
+            "original_max_position_embeddings", "length"
         )
+        if rot_dim <= 2:  # HF's exponent rot_dim / (rot_dim - 2) has no value at 2
+            raise ValueError(f"dynamic NTK scaling needs rot_dim > 2; got rot_dim = {rot_dim}")
         seq_len = max(max_pos, original)
         base = base * ((factor * seq_len / original) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
         return 1.0 / (base**exponents), 1.0
     if kind == "llama3":
-        factor, original = need("factor"), need("original_max_position_embeddings")
+        factor, original = need("factor"), need("original_max_position_embeddings", "length")
         low, high = need("low_freq_factor"), need("high_freq_factor")
+        if not high > low:  # HF's smoothing divides by high - low
+            raise ValueError(
+                f"scaling 'high_freq_factor' must be greater than 'low_freq_factor'; got "
+                f"{high} and {low}"
+            )
         inv_freq = 1.0 / (base**exponents)
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
@@ -95,26 +128,28 @@ def _inv_freq(
         medium = ~(wavelen < original / high) * ~(wavelen > original / low)
         return torch.where(medium, smoothed, scaled), 1.0
     # yarn
-    original = need("original_max_position_embeddings")
-    factor = scaling.get("factor") or max_pos / original
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    original = need("original_max_position_embeddings", "length")
+    factor = need("factor", required=False) or max_pos / original
+    mscale = need("mscale", "non-negative", required=False)
+    mscale_all_dim = need("mscale_all_dim", "non-negative", required=False)
 
     def get_mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    attention_factor = scaling.get("attention_factor")
+    attention_factor = need("attention_factor", required=False)
     if attention_factor is None:
         if mscale and mscale_all_dim:
             attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
         else:
             attention_factor = get_mscale(factor)
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    beta_fast = need("beta_fast", required=False) or 32
+    beta_slow = need("beta_slow", required=False) or 1
 
     def correction_dim(rotations):
         return rot_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
+    if need("truncate", "bool", required=False) is not False:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, rot_dim - 1)
     if low == high:
@@ -150,8 +185,7 @@ def rope_cache(
         raise ValueError(f"rot_dim must be a positive even number; got {rot_dim}")
     if max_pos <= 0:
         raise ValueError(f"max_pos must be positive; got {max_pos}")
-    if theta <= 0:
-        raise ValueError(f"theta must be positive; got {theta}")
+    check_positive_finite("theta", theta)
     if scaling is not None and not isinstance(scaling, dict):
         raise TypeError(
             f"scaling must be a dict (HF rope_scaling) or None; got {type(scaling).__name__}"
@@ -262,8 +296,11 @@ def _rope_kernel(
 MAX_BLOCK_H = 32
 
 
-def _check_rope(q, k, positions, cos_sin_cache, interleaved):
-    """Validate rope_'s arguments (positions' values too, where they can be read)."""
+def _check_rope(q, k, positions, cos_sin_cache, cache_args=()):
+    """Validate rope_'s arguments (positions' values too, where they can be read) and, with
+    cache_args (v, k_cache, v_cache, slots, k_scale, v_scale), rope_kv_cache_'s. What is written
+    in place must own its memory: an element that two tokens, heads or arguments share would
+    be rotated (or written) more than once."""
     check_tensor("q", q, QK_DTYPES, ndim=3)
     check_tensor("k", k, (q.dtype,), ndim=3)
     check_tensor("positions", positions, POSITION_DTYPES, ndim=1)
@@ -283,15 +320,20 @@ def _check_rope(q, k, positions, cos_sin_cache, interleaved):
                 f"{name} must have unit stride along D; got strides {list(t.stride())}"
             )
     max_pos, rot_dim = cos_sin_cache.shape
-    if rot_dim % 2 or rot_dim > D or not cos_sin_cache.is_contiguous():
+    if rot_dim == 0 or rot_dim % 2 or rot_dim > D or not cos_sin_cache.is_contiguous():
         raise ValueError(
-            f"cos_sin_cache must be a contiguous [max_pos, rot_dim] table with rot_dim even and "
-            f"<= D = {D}; got shape {list(cos_sin_cache.shape)}, "
+            f"cos_sin_cache must be a contiguous [max_pos, rot_dim] table with rot_dim even, "
+            f"positive and <= D = {D}; got shape {list(cos_sin_cache.shape)}, "
             f"strides {list(cos_sin_cache.stride())}"
         )
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be bool; got {type(interleaved).__name__}")
     check_in_range("positions", positions, 0, max_pos, "rows of cos_sin_cache")
+    written, read = {"q": q, "k": k}, {"positions": positions, "cos_sin_cache": cos_sin_cache}
+    if cache_args:
+        _check_cache_write(k, *cache_args)
+        v, k_cache, v_cache, slots, k_scale, v_scale = cache_args
+        written.update(k_cache=k_cache, v_cache=v_cache)
+        read.update(v=v, slots=slots, k_scale=k_scale, v_scale=v_scale)
+    check_no_overlap(written, read)
 
 
 def _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale):
@@ -334,7 +376,7 @@ def _rope_launches(q, k, positions, cos_sin_cache, interleaved, v=None, k_cache=
     fp8_cache = write and k_cache.dtype == fp8_ref.E4M3
     B, S_max = (k_cache.shape[0], k_cache.shape[1]) if write else (0, 1)
     cache_strides = k_cache.stride()[:3] if write else (0, 0, 0)
-    vector_stride = lambda t: t.stride(0) if t is not None and t.numel() > 1 else 0  # noqa: E731
+    vector_stride = lambda t: 0 if t is None or fp8_ref.is_per_tensor(t) else t.stride(0)  # noqa: E731
     return [
         launch(
             _rope_kernel, (triton.cdiv(T, BLOCK_T),),
@@ -371,27 +413,24 @@ def _run(q, k, positions, cos_sin_cache, interleaved, cache_args=()):
 
 
 def _rope_impl(q, k, positions, cos_sin_cache, *, interleaved=False):
-    _check_rope(q, k, positions, cos_sin_cache, interleaved)
+    _check_rope(q, k, positions, cos_sin_cache)
     _run(q, k, positions, cos_sin_cache, interleaved)
 
 
 def _rope_fake(q, k, positions, cos_sin_cache, *, interleaved=False):
-    _check_rope(q, k, positions, cos_sin_cache, interleaved)
+    _check_rope(q, k, positions, cos_sin_cache)
 
 
 def _rope_kv_cache_impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, *,
                         k_scale=None, v_scale=None, interleaved=False):  # fmt: skip
-    _check_rope(q, k, positions, cos_sin_cache, interleaved)
-    _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
-    _run(
-        q, k, positions, cos_sin_cache, interleaved, (v, k_cache, v_cache, slots, k_scale, v_scale)
-    )
+    cache_args = (v, k_cache, v_cache, slots, k_scale, v_scale)
+    _check_rope(q, k, positions, cos_sin_cache, cache_args)
+    _run(q, k, positions, cos_sin_cache, interleaved, cache_args)
 
 
 def _rope_kv_cache_fake(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, *,
                         k_scale=None, v_scale=None, interleaved=False):  # fmt: skip
-    _check_rope(q, k, positions, cos_sin_cache, interleaved)
-    _check_cache_write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    _check_rope(q, k, positions, cos_sin_cache, (v, k_cache, v_cache, slots, k_scale, v_scale))
 
 
 register_op(
@@ -449,7 +488,8 @@ def rope_(
     """Rotate q `[T, Hq, D]` and k `[T, Hk, D]` in place at `positions` `[T]` with the fp32
     table from `rope_cache`; neox pairing (HF weights) or `interleaved` (native Mistral)."""
     check_types(q=(q, torch.Tensor), k=(k, torch.Tensor), positions=(positions, torch.Tensor),
-                cos_sin_cache=(cos_sin_cache, torch.Tensor))  # fmt: skip
+                cos_sin_cache=(cos_sin_cache, torch.Tensor),
+                interleaved=(interleaved, bool))  # fmt: skip
     torch.ops.fp8nemo.rope_(q, k, positions, cos_sin_cache, interleaved=interleaved)
     return q, k
 
@@ -470,13 +510,14 @@ def rope_kv_cache_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_` fused with the KV-cache write: q and k rotate in place, and k (rotated) and v go
     to `k_cache`/`v_cache` `[B, S_max, Hk, D]` at `slots` `[T]` (b * S_max + s; -1 skips).
-    An e4m3 cache stores `x / scale` saturated, with `k_scale`/`v_scale` fp32 `[]`, `[1]` or
-    `[Hk]`. One pass instead of three."""
+    An e4m3 cache stores `x / scale` saturated, with `k_scale`/`v_scale` fp32 of one element
+    (per tensor) or `[Hk]`, positive and finite. One pass instead of three."""
     check_types(q=(q, torch.Tensor), k=(k, torch.Tensor), v=(v, torch.Tensor),
                 positions=(positions, torch.Tensor), cos_sin_cache=(cos_sin_cache, torch.Tensor),
                 k_cache=(k_cache, torch.Tensor), v_cache=(v_cache, torch.Tensor),
                 slots=(slots, torch.Tensor), k_scale=(k_scale, (torch.Tensor, type(None))),
-                v_scale=(v_scale, (torch.Tensor, type(None))))  # fmt: skip
+                v_scale=(v_scale, (torch.Tensor, type(None))),
+                interleaved=(interleaved, bool))  # fmt: skip
     torch.ops.fp8nemo.rope_kv_cache_(
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots,
         k_scale=k_scale, v_scale=v_scale, interleaved=interleaved,

@@ -33,6 +33,12 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return amax.float().clamp_min(AMAX_FLOOR) / E4M3_MAX
 
 
+def is_per_tensor(scale: torch.Tensor) -> bool:
+    """Any one-element scale is a per-tensor scale, whatever its shape (`[]`, `[1]`, `[1, 1]`:
+    checkpoints and vLLM store all three)."""
+    return scale.numel() == 1
+
+
 def scale_shape(shape: torch.Size | tuple, granularity: str, block: int = BLOCK) -> tuple:
     """The scale shape DESIGN.md gives `granularity` for a tensor of `shape` `[..., K]`."""
     *lead, k = shape
@@ -58,7 +64,8 @@ def groups(x: torch.Tensor, granularity: str, block: int = BLOCK) -> torch.Tenso
         return x.unsqueeze(-2)
     if granularity == "group":
         x = torch.nn.functional.pad(x, (0, -x.shape[-1] % block))
-        return x.reshape(*x.shape[:-1], -1, block)
+        # The group count spelled out: -1 cannot be inferred when x has no rows.
+        return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     if granularity == "block":  # [N, K] -> [N/b, b, K/b, b] -> [N/b, K/b, b * b]
         scale_shape(x.shape, granularity, block)  # 2-D only
         n, k = x.shape
