@@ -364,7 +364,7 @@ def attention_reference(
 def expand_descale(descale, b, heads):
     """Sequence b's per-KV-head multipliers [heads] from a [B, Hk] or scalar descale."""
     d = descale.float().cpu()
-    return d.reshape(()).expand(heads) if d.numel() == 1 else d[b]
+    return d.reshape(()).expand(heads) if fp8_ref.is_per_tensor(d) else d[b]
 
 
 # ---------------------------------------------------------------------------------------------

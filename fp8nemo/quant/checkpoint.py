@@ -346,7 +346,7 @@ def _check_scale(name, scale, weight=None, granularity="tensor"):
             f"{name} must be finite and positive; holds {values[bad].flatten()[0].item()}"
         )
     if granularity == "tensor":
-        ok = scale.numel() == 1
+        ok = fp8.is_per_tensor(scale)
         want = "of one element ([], [1], ...)"
     else:
         want_shape = fp8.scale_shape(weight.shape, granularity)
