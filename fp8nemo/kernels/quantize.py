@@ -238,21 +238,19 @@ def _quantize_fp8_impl(x, granularity="token", *, scale=None, group_size=128):
             f"x with shape {list(x.shape)} and strides {list(x.stride())} cannot be viewed as "
             f"[M, K] rows; call .contiguous() first"
         ) from None
-    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
-    if x2.shape[0] == 0:  # no rows, before the path choice so both paths agree
-        if scale is not None:
-            return y, scale.reshape(scale_shape).clone()
-        out_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
-        if granularity == "tensor":  # the scale of an all-zero tensor: the floor
-            out_scale.copy_(fp8_ref.scale_from_amax(torch.zeros(1)))
-        return y, out_scale
-    if not use_triton(x.device, "quantize_fp8"):
+    no_rows = x2.shape[0] == 0  # decided before the path choice, so both paths agree
+    if not no_rows and not use_triton(x.device, "quantize_fp8"):
         y, s = fp8_ref.quantize(x, granularity, scale, group_size)
         return y, s.reshape(scale_shape).clone()
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
     if scale is not None:
         out_scale = scale.reshape(scale_shape).clone()
     else:
         out_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    if no_rows:
+        if scale is None and granularity == "tensor":  # an all-zero tensor's scale: the floor
+            out_scale.copy_(fp8_ref.scale_from_amax(torch.zeros(1)))
+        return y, out_scale
     _launch(x2, y.view(-1, K), granularity, scale, out_scale, group_size)
     return y, out_scale
 

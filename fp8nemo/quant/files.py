@@ -315,12 +315,10 @@ def check_destination(dst: str, overwrite: bool) -> bool:
     return True
 
 
-def _dead_writer(marker: dict | None, dst_base: str, pid: int | None = None) -> bool:
-    """Whether `marker` is that of a writer of `dst_base` (with `pid`, if given) that is no
-    longer running. A writer on another machine sharing the folder counts as running."""
+def _dead_writer(marker: dict | None, dst_base: str) -> bool:
+    """Whether `marker` is that of a writer of `dst_base` that is no longer running. A writer
+    on another machine sharing the folder counts as running."""
     if marker is None or marker["dst"] != dst_base or marker["host"] != _host():
-        return False
-    if pid is not None and marker["pid"] != pid:
         return False
     try:
         os.kill(marker["pid"], 0)
@@ -344,9 +342,9 @@ def _recover_stale(dst: str) -> bool:
     for name in sorted(os.listdir(parent)):
         m = pattern.fullmatch(name)
         tmp = os.path.join(parent, name)
-        if not m or not _dead_writer(_read_marker(tmp), base, int(m.group(1))):
+        marker = _read_marker(tmp) if m else None
+        if not _dead_writer(marker, base) or marker["pid"] != int(m.group(1)):
             continue  # not a folder a dead writer of dst made
-        marker = _read_marker(tmp)
         old = os.path.join(parent, f"{base}.old-{marker['pid']}")
         if marker.get("state") == "swapping" and os.path.isdir(old) and not os.path.lexists(dst):
             os.replace(old, dst)  # put the old checkpoint back
