@@ -10,9 +10,8 @@ import functools
 import pytest
 import torch
 
-from fp8nemo import bench
+from fp8nemo import bench, fp8
 from fp8nemo.kernels import fp8_gemm
-from fp8nemo.quant import fp8
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="timings need a GPU")
 CASES = list(bench.gemm_cases(on_gpu=True))

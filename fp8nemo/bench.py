@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import fp8nemo
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 from fp8nemo.utils import progress
 
 # NeMo-12B linear layers, (K, N): in features -> out features.

@@ -11,7 +11,10 @@ import subprocess
 import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fp8nemo.kernels._triton import AotSpec
 
 ARCHS = {"sm_90": 90, "sm_89": 89}
 # Kernel files that list their configs through `aot_specs(cap)`.
@@ -27,21 +30,6 @@ MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
 
 class InspectError(RuntimeError):
     """inspect cannot run in this environment."""
-
-
-@dataclass
-class AotSpec:
-    """One launch to compile ahead of time: the launcher's own `Launch` (built on meta tensors),
-    with the MMA kind its SASS must contain, if any."""
-
-    op: str
-    config: str
-    launch: object  # fp8nemo.kernels._triton.Launch
-    expect_mma: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.launch.kernel.__name__
 
 
 def _cuda_tool(name: str) -> str:

@@ -9,7 +9,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 
 E4M3 = torch.float8_e4m3fn
 # Two decoder layers; k/v have 2 heads of 64, the MLP 384 wide (3 blocks of 128).

@@ -13,10 +13,10 @@ import torch
 from conftest import DEVICE
 from helpers import check_bad_input, poisoned, randn
 
+from fp8nemo import fp8
 from fp8nemo.kernels import flash_attention
 from fp8nemo.kernels._triton import capability
 from fp8nemo.kernels.attention import attention_reference
-from fp8nemo.quant import fp8
 
 A = importlib.import_module("fp8nemo.kernels.attention")
 E4M3 = torch.float8_e4m3fn

@@ -5,7 +5,8 @@ import pytest
 import torch
 from helpers import randn
 
-from fp8nemo.quant import calibrate, fp8
+from fp8nemo import fp8
+from fp8nemo.quant import calibrate
 from fp8nemo.quant.calibrate import (
     CLIP_RATIOS,
     TAIL_SIZE,

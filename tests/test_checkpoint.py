@@ -19,7 +19,7 @@ from checkpoints import (
 )
 from safetensors.torch import load_file, save_file
 
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 from fp8nemo.quant.checkpoint import (
     Checkpoint,
     CheckpointError,

@@ -9,9 +9,9 @@ import torch
 from conftest import DEVICE
 from helpers import check_bad_input, poisoned, randn
 
+from fp8nemo import fp8
 from fp8nemo.kernels import decode_attention
 from fp8nemo.kernels._triton import capability, num_sms
-from fp8nemo.quant import fp8
 
 Dm = importlib.import_module("fp8nemo.kernels.decode")
 E4M3 = torch.float8_e4m3fn

@@ -16,8 +16,8 @@ from helpers import (
     sqnr_db,
 )
 
+from fp8nemo import fp8
 from fp8nemo.kernels import fp8_gemm
-from fp8nemo.quant import fp8
 
 G = importlib.import_module("fp8nemo.kernels.fp8_gemm")
 E4M3 = torch.float8_e4m3fn

@@ -1,4 +1,4 @@
-"""The torch reference of the FP8 numerics (quant/fp8.py), and the interpreter's float casts that
+"""The torch reference of the FP8 numerics (fp8nemo/fp8.py), and the interpreter's float casts that
 fp8nemo corrects to match the GPU."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICE
 from helpers import randn
 
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 
 E4M3 = torch.float8_e4m3fn
 CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3)

@@ -21,7 +21,7 @@ from checkpoints import (
 )
 from safetensors.torch import load_file, save_file
 
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 from fp8nemo.quant.checkpoint import CheckpointError, read_checkpoint
 from fp8nemo.quant.convert import quantize_checkpoint
 from fp8nemo.quant.files import MARKER, CheckpointWriter

@@ -6,7 +6,7 @@ import torch
 from helpers import randn
 
 import fp8nemo.kernels  # noqa: F401  (registers torch.ops.fp8nemo.*)
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import E4M3_NAN_CODE, assert_codes_equal, check_bad_input, poisoned, randn
 
+from fp8nemo import fp8
 from fp8nemo.kernels import quantize_fp8
-from fp8nemo.quant import fp8
 
 Q = importlib.import_module("fp8nemo.kernels.quantize")
 E4M3 = torch.float8_e4m3fn

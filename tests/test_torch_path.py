@@ -13,7 +13,7 @@ import torch
 logging.basicConfig(level=logging.WARNING)
 from fp8nemo.kernels import fp8_gemm, quantize_fp8
 from fp8nemo.kernels._triton import INTERPRET
-from fp8nemo.quant import fp8
+from fp8nemo import fp8
 assert not INTERPRET
 g = torch.Generator().manual_seed(0)
 x = torch.randn(5, 144, generator=g).to(torch.bfloat16)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 logger = logging.getLogger("fp8nemo")
 
@@ -482,3 +482,18 @@ def launch(kernel, grid, *args, num_warps=4, num_stages=3, **constexprs) -> Laun
         args,
         dict(constexprs, num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS),
     )
+
+
+@dataclass
+class AotSpec:
+    """One launch to compile ahead of time: the launcher's own `Launch` (built on meta tensors),
+    with the MMA kind its SASS must contain, if any."""
+
+    op: str
+    config: str
+    launch: Launch
+    expect_mma: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.launch.kernel.__name__

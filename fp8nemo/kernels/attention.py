@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 from ._triton import (
     Autotuner,
@@ -595,7 +595,7 @@ def aot_specs(cap: int):
     """Every config at NeMo's heads (32 q, 8 kv, head_dim 128; the wide configs at 256), causal,
     bf16 and e4m3 on meta tensors, plus the sliding-window and packed variants of the first
     config. bf16 must compile to HGMMA on Hopper and e4m3 to QGMMA (HMMA / QMMA on Ada)."""
-    from fp8nemo.codegen import AotSpec
+    from ._triton import AotSpec
 
     hopper = cap >= 90
     specs = []

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 from ._triton import (
     Autotuner,
@@ -367,7 +367,7 @@ def aot_specs(cap: int):
     32k positions, batch 16 (split into chunks) and batch 1 with a sliding window, on meta
     tensors. The dots are bf16 with 16 rows (the 4 query heads of a KV head, padded), below
     wgmma's 64: mma.sync (HMMA) on Hopper as on Ada, which a memory-bound loop can afford."""
-    from fp8nemo.codegen import AotSpec
+    from ._triton import AotSpec
 
     mma = "HMMA"
     specs = []

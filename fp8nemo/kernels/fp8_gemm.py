@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 from ._triton import (
     Autotuner,
@@ -438,7 +438,7 @@ def aot_specs(cap: int):
     scales and, where the config fits them, block scales; decode configs at 16 and 64 tokens.
     The launches are the launcher's own, on meta tensors; each FP8 main loop must compile to
     QGMMA on Hopper and QMMA on Ada."""
-    from fp8nemo.codegen import AotSpec
+    from ._triton import AotSpec
 
     N, K = 6144, 5120
     mma = "QGMMA" if cap >= 90 else "QMMA"

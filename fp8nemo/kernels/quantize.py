@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 from ._triton import (
     INTERPRET,
@@ -294,7 +294,7 @@ def quantize_fp8(
 def aot_specs(cap: int):
     """The launcher's own launches for a bf16 [4096, 5120] input (NeMo's hidden size), for every
     granularity, dynamic and static, on meta tensors."""
-    from fp8nemo.codegen import AotSpec
+    from ._triton import AotSpec
 
     x = torch.empty(4096, 5120, dtype=torch.bfloat16, device="meta")
     y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device="meta")

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8nemo.quant import fp8 as fp8_ref
+from fp8nemo import fp8 as fp8_ref
 
 from ._triton import (
     INTERPRET,
@@ -528,7 +528,7 @@ def rope_kv_cache_(
 def aot_specs(cap: int):
     """The launcher's launches at NeMo's heads (32 q, 8 kv, head_dim 128) on meta tensors: rope_
     neox and interleaved, and the fused cache write into a bf16 and an e4m3 cache."""
-    from fp8nemo.codegen import AotSpec
+    from ._triton import AotSpec
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")

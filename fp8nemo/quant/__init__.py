@@ -1,7 +1,7 @@
-"""FP8 numerics, scale calibration, QAT fake-quant and checkpoint formats.
+"""Scale calibration, QAT fake-quant and checkpoint formats: FP8 weights and scales as data.
 
-`quant.fp8` is a leaf (torch only) that the kernels' CPU path shares; keep this package's
-import free of modules that import `fp8nemo.kernels`, so the two never import each other.
+It builds on the numerics leaf `fp8nemo.fp8` and never imports `fp8nemo.model` (a test checks
+the layering).
 """
 
 from .calibrate import Calibrator, calibrate_weight, quantize_weight

@@ -2,7 +2,7 @@
 for weights that already lie on an FP8 grid), and static activation / KV-cache scales from
 calibration batches through forward hooks.
 
-Scales are fp32 dequant multipliers, as everywhere in fp8nemo (`quant/fp8.py`).
+Scales are fp32 dequant multipliers, as everywhere in fp8nemo (`fp8nemo/fp8.py`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp8nemo import fp8
 from fp8nemo.utils import progress
-
-from . import fp8
 
 WEIGHT_METHODS = ("absmax", "mse")
 OBSERVERS = ("absmax", "percentile", "mse")

@@ -18,7 +18,8 @@ from dataclasses import field as dataclass_field
 
 import torch
 
-from . import fp8
+from fp8nemo import fp8
+
 from .files import (
     CheckpointError,
     CheckpointWriter,

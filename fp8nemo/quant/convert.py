@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8nemo import fp8
 from fp8nemo.utils import progress as show_progress
 
-from . import fp8
 from .calibrate import WEIGHT_METHODS, Calibrator, calibrate_weight
 from .checkpoint import (
     FLOAT_WEIGHTS,

@@ -1,7 +1,7 @@
 """Quantisation-aware training for FP8: a fake-quant op with a straight-through estimator, and
 `prepare_qat` / `convert_qat` for a model's linear layers.
 
-The fake-quant forward is `dequantize(quantize(x))` with the e4m3 numerics of `quant/fp8.py`
+The fake-quant forward is `dequantize(quantize(x))` with the e4m3 numerics of `fp8nemo/fp8.py`
 (scale = amax / 448 at each step unless a static scale is given). Its backward passes the
 gradient straight through where the cast rounds, |x| / scale <= 464 (the midpoint between
 e4m3's largest value, 448, and the next power-of-two step, which rounds to 448), and stops it
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import fp8
+from fp8nemo import fp8
 
 QAT_GRANULARITIES = ("tensor", "row")  # row: one scale per output channel / per token
 ROUNDS_TO_MAX = 464.0  # x / scale up to here rounds to 448 in e4m3; beyond, the cast saturates
