@@ -16,7 +16,7 @@ from helpers import (
     randn,
 )
 
-from fp8nemo.kernels import rope_, rope_cache, rope_kv_cache_
+from fp8nemo.kernels import rope_, rope_cache, rope_kv_cache_, value_checks
 from fp8nemo.kernels.rope import kv_cache_write_reference, rope_reference
 
 R = importlib.import_module("fp8nemo.kernels.rope")
@@ -276,13 +276,16 @@ def test_strided_positions_slots_and_scales(device, gen):
 
 
 def test_out_of_range_position_gives_nan_in_the_kernel(device, gen):
-    """Inside a CUDA graph no host check runs: the kernel rotates a bad position into NaN."""
+    """With the host checks off (the model's forward, a CUDA graph) the kernel rotates a bad
+    position into NaN."""
     T, H, D = 4, 2, 64
     cos_sin = rope_cache(D, 100, 1e4).to(device)
     q, k = randn(T, H, D, gen=gen, device=device), randn(T, H, D, gen=gen, device=device)
     positions = torch.tensor([3, 100, -1, 50], device=device)
-    for step in R._rope_launches(q, k, positions, cos_sin, False):
-        step()
+    with pytest.raises(ValueError, match="positions must lie in"):
+        rope_(q.clone(), k.clone(), positions, cos_sin)
+    with value_checks(False):
+        rope_(q, k, positions, cos_sin)
     bad = torch.tensor([False, True, True, False])
     assert (
         q.isnan().any(-1).any(-1).cpu().eq(bad).all()
@@ -291,7 +294,7 @@ def test_out_of_range_position_gives_nan_in_the_kernel(device, gen):
 
 
 def test_out_of_range_slots_are_not_written_in_the_kernel(device, gen):
-    """Inside a CUDA graph no host check runs: a slot past the cache writes nothing."""
+    """With the host checks off a slot past the cache writes nothing."""
     T, H, D = 3, 2, 64
     cos_sin = rope_cache(D, 64, 1e4).to(device)
     q, k, v = (randn(T, H, D, gen=gen, dtype=torch.bfloat16, device=device) for _ in range(3))
@@ -300,10 +303,8 @@ def test_out_of_range_slots_are_not_written_in_the_kernel(device, gen):
     )
     slots = torch.tensor([1, 4, 1000], device=device)  # 4 and 1000 lie past the 4 slots
     positions = torch.arange(T, device=device)
-    for step in R._rope_launches(
-        q, k, positions, cos_sin, False, v, k_cache, v_cache, slots, None, None
-    ):
-        step()
+    with value_checks(False):
+        rope_kv_cache_(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
     written = ~k_cache.isnan().all(-1).all(-1)[0]
     assert written.cpu().tolist() == [False, True, False, False]
 
@@ -579,3 +580,21 @@ def test_zero_tokens(device, gen):
 def test_rope_cache_refuses_values_that_make_nan(args, match):
     with pytest.raises(ValueError, match=match):
         rope_cache(*args)
+
+
+def test_value_checks_switch_is_scoped_and_restored(device, gen):
+    """`value_checks(False)` turns the host checks off inside its block only, nested or not, and
+    the default comes back after an exception."""
+    q, k = randn(2, 2, 64, gen=gen, device=device), randn(2, 2, 64, gen=gen, device=device)
+    cos_sin = rope_cache(64, 8, 1e4).to(device)
+    bad = torch.tensor([0, 8], device=device)
+    with value_checks(False):
+        with value_checks(True), pytest.raises(ValueError, match="positions must lie in"):
+            rope_(q.clone(), k.clone(), bad, cos_sin)
+        rope_(q.clone(), k.clone(), bad, cos_sin)
+    with pytest.raises(RuntimeError), value_checks(False):
+        raise RuntimeError
+    with pytest.raises(ValueError, match="positions must lie in"):
+        rope_(q, k, bad, cos_sin)
+    with pytest.raises(TypeError, match="enabled must be a bool"), value_checks(0):
+        pass

@@ -1,5 +1,6 @@
 """Triton kernels, one op per file, each registered as `torch.ops.fp8nemo.<name>`."""
 
+from ._triton import value_checks
 from .attention import flash_attention
 from .decode import decode_attention
 from .fp8_gemm import fp8_gemm
@@ -14,4 +15,5 @@ __all__ = [
     "rope_",
     "rope_cache",
     "rope_kv_cache_",
+    "value_checks",
 ]

@@ -3,6 +3,8 @@ and the autotuner every op shares."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -279,17 +281,32 @@ def check_tensor(
     return t
 
 
+_VALUE_CHECKS = contextvars.ContextVar("fp8nemo_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the ops' host-side checks of index values (positions, slots, lengths) on or off
+    inside the block. Each check costs a device sync; a caller that validated its indices once
+    (the model, per forward) runs its ops inside `value_checks(False)`, and the kernels then keep
+    their memory accesses in bounds themselves."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    token = _VALUE_CHECKS.set(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
 def value_checks_enabled(t: torch.Tensor) -> bool:
     """Whether to read `t`'s values on the host for checks: not for meta/fake tensors, not while
-    a CUDA graph captures, and not on CUDA with FP8NEMO_CHECK_VALUES=0 (each check costs a
-    device sync; the kernels then guard their memory accesses themselves)."""
+    a CUDA graph captures, and not inside `value_checks(False)`."""
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
-    if t.device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        return os.environ.get("FP8NEMO_CHECK_VALUES", "1") != "0"
-    return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return _VALUE_CHECKS.get()
 
 
 def check_in_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
