@@ -1,0 +1,264 @@
+"""`load_model`: an HF checkpoint folder (16-bit, or FP8 in any format `quant` reads) or a named
+preset with seeded random weights, built on the meta device and filled tensor by tensor from
+the memory-mapped safetensors, so the host never holds two copies of the weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from fp8nemo import fp8
+from fp8nemo.quant.calibrate import calibrate_weight
+from fp8nemo.quant.checkpoint import read_checkpoint
+from fp8nemo.quant.files import CheckpointError
+from fp8nemo.utils import progress as show_progress
+
+from .cache import CACHE_DTYPES
+from .config import PRESETS, ModelConfig, preset
+from .linear import FP8Linear, FP8Scheme
+from .transformer import Transformer, build_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Buffers the model derives itself rather than reads: the fused quantizations' static scale
+# is the largest of their readers' (Transformer.tie_input_scales).
+DERIVED = ("input_layernorm.input_scale", "post_attention_layernorm.input_scale")
+IGNORED = ("rotary_emb.inv_freq",)  # older HF checkpoints store the RoPE frequencies
+
+
+def _dtype(name: str, value, table: dict) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in table:
+        raise ValueError(f"{name} must be a torch dtype or one of {sorted(table)}; got {value!r}")
+    return table[value]
+
+
+def load_model(
+    path_or_preset: str,
+    *,
+    backend: str = "fp8",
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: torch.device | str | None = None,
+    scheme: FP8Scheme | str | None = None,
+    kv_cache_dtype: torch.dtype | str | None = None,
+    method: str = "absmax",
+    max_seq_len: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Transformer:
+    """The model of a checkpoint folder or preset ("nemo-12b", "mistral-7b", "llama-3-8b",
+    "tiny") on `backend` ("fp8" or "reference").
+
+    A 16-bit checkpoint on the fp8 backend is quantized on load with `scheme` (an FP8Scheme or
+    a weight granularity: "tensor", "channel", "block"; default channel weights with dynamic
+    activations) and `method`, exactly as `fp8nemo quantize` would; an FP8 checkpoint runs on
+    its own scheme (the reference backend gets its weights dequantized). `kv_cache_dtype`:
+    "fp8" for an e4m3 cache with the checkpoint's k/v scales, default the model dtype.
+    Errors name the file and the tensor."""
+    dtype = _dtype("dtype", dtype, DTYPES)
+    if kv_cache_dtype is not None:
+        kv_cache_dtype = _dtype("kv_cache_dtype", kv_cache_dtype, CACHE_DTYPES)
+    if isinstance(scheme, str):
+        scheme = FP8Scheme(weights=scheme)
+    if scheme is not None and not isinstance(scheme, FP8Scheme):
+        raise TypeError(
+            f"scheme must be an FP8Scheme, a weight granularity or None; got {scheme!r}"
+        )
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if not isinstance(path_or_preset, str):
+        raise TypeError(f"path_or_preset must be a str; got {type(path_or_preset).__name__}")
+    if not os.path.isdir(path_or_preset):
+        if path_or_preset in PRESETS:
+            return _random_model(preset(path_or_preset), backend, dtype, device, scheme,
+                                 kv_cache_dtype, max_seq_len, seed)  # fmt: skip
+        raise ValueError(
+            f"{path_or_preset} is neither a checkpoint folder nor a preset "
+            f"({', '.join(sorted(PRESETS))})"
+        )
+    return _checkpoint_model(path_or_preset, backend, dtype, device, scheme, kv_cache_dtype,
+                             method, max_seq_len, progress)  # fmt: skip
+
+
+def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, method, max_seq_len,
+                      progress) -> Transformer:  # fmt: skip
+    config = ModelConfig.from_pretrained(path)
+    ckpt = read_checkpoint(path)
+    quantized = ckpt.format != "unquantized"
+    if quantized:
+        granularities = {q.granularity for q in ckpt.linears.values()}
+        own = FP8Scheme(weights=granularities.pop() if granularities else "channel",
+                        activations=ckpt.activation_scheme or "dynamic")  # fmt: skip
+        if backend == "fp8" and scheme is not None and scheme != own:
+            raise ValueError(
+                f"{path} is an FP8 checkpoint with {own.weights} weights and "
+                f"{own.activations} activations; it runs on its own scheme, not {scheme}"
+            )
+        scheme = own
+    elif backend == "fp8" and scheme is not None and scheme.static:
+        raise ValueError(
+            f"{path} is a 16-bit checkpoint: static activation scales come from calibration; "
+            f"convert it with `fp8nemo quantize --activations static --calib ...` and load that"
+        )
+    model = build_model(config, backend, dtype=dtype, device="meta", scheme=scheme,
+                        kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len)  # fmt: skip
+    tensors = ckpt.tensors  # HF name -> tensor (16-bit ones; FP8 weights live in .linears)
+    where = _sources(path, ckpt)
+    state = {}
+    expected = model.state_dict(keep_vars=True)
+    used = set()
+    names = [n for n in expected if not n.endswith(DERIVED)]
+    if config.tie_word_embeddings:
+        names.remove("lm_head.weight")
+        used.add("lm_head.weight")  # tied checkpoints may store it; it is embed_tokens' then
+    for name in show_progress(names, f"loading {os.path.basename(os.path.normpath(path))}",
+                              "tensor", enabled=progress):  # fmt: skip
+        want = expected[name]
+        module_name, _, leaf = name.rpartition(".")
+        if name in state:
+            continue
+        module = model.get_submodule(module_name)
+        if isinstance(module, FP8Linear):
+            values = _fp8_linear(path, ckpt, where, module_name, module, device, method, used)
+            state.update({f"{module_name}.{k}": v for k, v in values.items()})
+            continue
+        if leaf in ("k_scale", "v_scale"):
+            state[name] = _kv_scale(ckpt, module_name, leaf, device)
+            continue
+        t = _linear_dequantized(ckpt, module_name, name) if name not in tensors else tensors[name]
+        if t is None:
+            raise CheckpointError(f"{path}: missing tensor {name} (no shard holds it)")
+        used.add(name)
+        state[name] = _checked(t, want, name, where, path).to(device=device, dtype=want.dtype)
+    extra = sorted(
+        n for n in set(tensors) | {f"{m}.weight" for m in ckpt.linears}
+        if n not in used and not n.endswith(IGNORED)
+    )  # fmt: skip
+    if extra:
+        raise CheckpointError(
+            f"{where.get(extra[0], path)}: tensor {extra[0]} is not part of a "
+            f"{config.model_type} model of this config ({len(extra)} such tensors)"
+        )
+    for name in (n for n in expected if n.endswith(DERIVED)):
+        state[name] = torch.ones(1, device=device)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    model.init_rope()
+    model.tie_input_scales()
+    return model
+
+
+def _sources(path: str, ckpt) -> dict[str, str]:
+    """Tensor name -> the shard file that holds it, for error messages."""
+    from fp8nemo.quant.files import TensorSource
+
+    src = TensorSource(path)
+    return {n: os.path.join(path, src.shard_of(n)) for n in src}
+
+
+def _checked(t: torch.Tensor, want: torch.Tensor, name: str, where: dict, path: str):
+    if tuple(t.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"{where.get(name, path)}: tensor {name} has shape {list(t.shape)}; the config "
+            f"(config.json) makes it {list(want.shape)}"
+        )
+    if not t.is_floating_point():
+        raise CheckpointError(
+            f"{where.get(name, path)}: tensor {name} has dtype {t.dtype}, not a float"
+        )
+    return t
+
+
+def _linear_dequantized(ckpt, module_name: str, name: str):
+    """An FP8 checkpoint's weight for the reference backend: dequantized."""
+    q = ckpt.linears.get(module_name)
+    if q is None or not name.endswith(".weight"):
+        return None
+    return q.dequantize()
+
+
+def _kv_scale(ckpt, attn: str, leaf: str, device) -> torch.Tensor:
+    scales = ckpt.kv_scales.get(attn)
+    if scales is None:
+        if not getattr(_kv_scale, "warned", False):
+            log.warning(
+                "the checkpoint has no KV-cache scales: the FP8 cache uses 1.0 (as vLLM does); "
+                "calibrate them with `fp8nemo quantize --activations static`"
+            )
+            _kv_scale.warned = True
+        return torch.ones(1, device=device)
+    return scales[leaf].float().reshape(1).to(device)
+
+
+def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, method, used) -> dict:
+    """weight, weight_scale (and input_scale) of one FP8Linear: the checkpoint's own, or its
+    16-bit weight quantized here with calibrate_weight (as `fp8nemo quantize` does)."""
+    name = f"{module_name}.weight"
+    shape = (module.out_features, module.in_features)
+    q = ckpt.linears.get(module_name)
+    used.add(name)
+    if q is not None:
+        if tuple(q.weight.shape) != shape:
+            raise CheckpointError(
+                f"{where.get(name, path)}: tensor {name} has shape {list(q.weight.shape)}; the "
+                f"config (config.json) makes it {list(shape)}"
+            )
+        if q.granularity != module.scheme.weights:
+            raise CheckpointError(
+                f"{where.get(name, path)}: {module_name} has {q.granularity} weight scales; the "
+                f"checkpoint's other layers have {module.scheme.weights}"
+            )
+        scale = q.weight_scale.float().reshape(module.weight_scale.shape)
+        out = {"weight": q.weight.to(device), "weight_scale": scale.to(device)}
+        if module.scheme.static:
+            out["input_scale"] = q.input_scale.float().reshape(1).to(device)
+        return out
+    w = ckpt.tensors.get(name)
+    if w is None:
+        raise CheckpointError(f"{path}: missing tensor {name} (no shard holds it)")
+    if module.scheme.static:
+        raise CheckpointError(
+            f"{where.get(name, path)}: {name} is 16-bit in a checkpoint with static activations: "
+            f"it has no input_scale"
+        )
+    if tuple(w.shape) != shape:
+        raise CheckpointError(
+            f"{where.get(name, path)}: tensor {name} has shape {list(w.shape)}; the config "
+            f"(config.json) makes it {list(shape)}"
+        )
+    wq = calibrate_weight(w.to(device), module.scheme.weights, method)
+    return {"weight": wq.w_fp8, "weight_scale": wq.scale.reshape(module.weight_scale.shape)}
+
+
+def _random_model(config, backend, dtype, device, scheme, kv_cache_dtype, max_seq_len, seed):
+    """A preset with seeded random weights, made on `device` (never written to disk): linears
+    and embeddings N(0, 0.02) as HF initializes them, norms one; FP8 linears quantize theirs
+    with plain absmax scales, one layer at a time."""
+    if scheme is not None and scheme.static:
+        raise ValueError(
+            "a preset has random weights and no calibration data: static activation scales "
+            "need a calibrated checkpoint; use dynamic activations"
+        )
+    model = build_model(config, backend, dtype=dtype, device=device, scheme=scheme,
+                        kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, FP8Linear):
+                w = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device)
+                w.normal_(0.0, 0.02, generator=gen)
+                w_fp8, scale = fp8.quantize(w, module.scheme.weights)
+                module.weight.copy_(w_fp8)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                if name == "lm_head" and config.tie_word_embeddings:
+                    continue
+                module.weight.normal_(0.0, 0.02, generator=gen)
+            elif hasattr(module, "eps"):  # RMSNorm
+                module.weight.fill_(1.0)
+    return model
