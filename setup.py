@@ -21,7 +21,10 @@ setup(
             "transformers",
             "compressed-tensors",
             "accelerate",
+            "tokenizers",
         ],
+        # `fp8nemo generate` reads a checkpoint's tokenizer.json with it
+        "generate": ["tokenizers"],
         "bench": ["tqdm", "matplotlib"],
         "dev": ["ruff"],
     },

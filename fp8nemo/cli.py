@@ -1,5 +1,5 @@
 """The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen,
-`quantize` turns a 16-bit checkpoint into an FP8 one."""
+`quantize` turns a 16-bit checkpoint into an FP8 one, `generate` runs a model."""
 
 from __future__ import annotations
 
@@ -155,6 +155,82 @@ def _quantize(args) -> int:
     return 0
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
+    return value
+
+
+def _generate(args) -> int:
+    import torch
+
+    from fp8nemo.model import load_model
+    from fp8nemo.model.generate import Sampling, generate
+    from fp8nemo.model.text import TextCodec
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    try:
+        codec = TextCodec.for_model(args.model)
+        prompts = [codec.encode(p, chat=args.chat) for p in args.prompt]
+        model = load_model(args.model, backend=args.backend, dtype=args.dtype, device=device,
+                           scheme=args.scheme, kv_cache_dtype=args.kv_cache,
+                           progress=sys.stderr.isatty())  # fmt: skip
+    except (ValueError, TypeError) as err:
+        return _error(str(err))
+    except OSError as err:
+        return _error(f"{err.filename or args.model}: {err.strerror or err}")
+    load_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    streamed = []
+
+    def stream(i, token):  # one prompt: print the text as it grows
+        streamed.append(token)
+        print(codec.increment(streamed), end="", flush=True)
+
+    try:
+        result = generate(
+            model, prompts, max_new_tokens=args.max_new_tokens,
+            sampling=Sampling(args.temperature, args.top_k or 0, args.top_p), seed=args.seed,
+            stream=stream if len(prompts) == 1 else None, cuda_graph=args.cuda_graph,
+        )  # fmt: skip
+    except ValueError as err:
+        return _error(str(err))
+    if len(prompts) == 1:
+        print()
+    else:
+        for i, tokens in enumerate(result.tokens):
+            print(f"[{i}] {codec.decode(tokens)}")
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU"
+    else:
+        import resource
+
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host"
+    print(
+        f"load {load_s:.1f}s | prefill {result.prompt_tokens} tokens "
+        f"{result.prefill_tokens_per_s:.1f} tok/s | decode {result.decode_steps} steps "
+        f"{result.decode_tokens_per_s:.1f} tok/s | peak {peak} | {args.backend} on {device}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8nemo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log tuning and setup")
@@ -213,6 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="static calibration runs here (default: cuda if present)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at dst")
     p.set_defaults(run=_quantize)
+
+    p = sub.add_parser("generate", help="generate text with a checkpoint or preset")
+    p.add_argument("model", help="HF checkpoint folder (16-bit or FP8) or a preset name")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text (without a tokenizer.json: token ids); repeatable")  # fmt: skip
+    p.add_argument("--backend", default="fp8", choices=["fp8", "reference"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--scheme", choices=["tensor", "channel", "block"],
+                   help="weight scales when a 16-bit checkpoint is quantized on load")  # fmt: skip
+    p.add_argument("--kv-cache", choices=["bf16", "fp16", "fp32", "fp8"], help="default: --dtype")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_unit_interval, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat_template")
+    p.add_argument("--device", help="default: cuda if present")
+    p.add_argument("--cuda-graph", action="store_true", help="replay decode as a CUDA graph")
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser("inspect", help="compile every kernel config ahead of time; report codegen")
     p.add_argument("--arch", default="sm_90", choices=["sm_90", "sm_89"])

@@ -25,7 +25,11 @@ class Sampling:
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t >= 0):
+        if (
+            not isinstance(t, (int, float))
+            or isinstance(t, bool)
+            or not (math.isfinite(t) and t >= 0)
+        ):
             raise ValueError(f"temperature must be a finite number >= 0; got {t!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ValueError(f"top_k must be an int >= 0; got {k!r}")
@@ -115,7 +119,11 @@ def generate(
     `cuda_graph` replays the decode step as a captured CUDA graph (CUDA only)."""
     config = model.config
     prompts = _check_prompts(prompts, config.vocab_size)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     sampling = sampling or Sampling()
     stops = set(config.eos_token_id if stop_tokens is None else stop_tokens)
