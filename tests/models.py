@@ -38,7 +38,9 @@ def hf_model(name: str, seed: int = 0):
 
     cls_name, kwargs = CONFIGS[name]
     config = getattr(transformers, cls_name)(**kwargs)
-    model_cls = transformers.MistralForCausalLM if name != "llama" else transformers.LlamaForCausalLM
+    model_cls = (
+        transformers.MistralForCausalLM if name != "llama" else transformers.LlamaForCausalLM
+    )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():

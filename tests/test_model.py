@@ -4,15 +4,12 @@ and the FP8 backend's error against the reference."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import sqnr_db
 from models import CONFIGS, save_hf_model
 
-from fp8nemo.model import FP8Scheme, load_model
-from fp8nemo.model.generate import Sampling, generate
+from fp8nemo.model import load_model
+from fp8nemo.model.generate import generate
 
 pytest.importorskip("transformers")
 
