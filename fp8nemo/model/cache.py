@@ -12,6 +12,7 @@ from fp8nemo import fp8
 from .config import ModelConfig
 
 CACHE_DTYPES = {
+    "fp64": torch.float64,
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,

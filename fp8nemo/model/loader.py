@@ -22,7 +22,12 @@ from .transformer import Transformer, build_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 # Buffers the model derives itself rather than reads: the fused quantizations' static scale
 # is the largest of their readers' (Transformer.tie_input_scales).
 DERIVED = ("input_layernorm.input_scale", "post_attention_layernorm.input_scale")

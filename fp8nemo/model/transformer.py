@@ -41,9 +41,9 @@ class Backend:
     def __post_init__(self):
         if self.name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.name!r}")
-        allowed = (torch.float32, torch.float16, torch.bfloat16)
+        allowed = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
         if self.name == "fp8":
-            allowed = allowed[1:]  # the attention kernels take 16-bit activations
+            allowed = allowed[2:]  # the attention kernels take 16-bit activations
             if self.scheme is None:
                 raise ValueError("the fp8 backend needs an FP8Scheme")
         if self.dtype not in allowed:
