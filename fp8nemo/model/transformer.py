@@ -135,6 +135,14 @@ class FP8MLP(MLP):
         ))  # fmt: skip
 
 
+class KVTap(nn.Module):
+    """Where the reference attention has K (after RoPE) and V as the cache holds them: an
+    identity the Calibrator hooks to observe the KV-cache scales' data."""
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor):
+        return k, v
+
+
 class Attention(nn.Module):
     """GQA self-attention with RoPE and the KV cache, in plain torch."""
 
@@ -147,6 +155,7 @@ class Attention(nn.Module):
         self.k_proj = backend.linear(config.hidden_size, config.kv_size)
         self.v_proj = backend.linear(config.hidden_size, config.kv_size)
         self.o_proj = backend.linear(config.q_size, config.hidden_size)
+        self.kv_tap = KVTap()
 
     def forward(self, x, batch: Batch) -> torch.Tensor:
         # x: [T, D] -> q: [T, Hq, Dh], k, v: [T, Hk, Dh] -> [T, D]
@@ -160,6 +169,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, batch: Batch) -> torch.Tensor:
         # q: [T, Hq, Dh], k, v: [T, Hk, Dh] -> [T, Hq, Dh]
         q, k = rope_reference(q, k, batch.positions, batch.cos_sin)
+        k, v = self.kv_tap(k, v)
         cache = batch.cache
         if cache is not None:
             kv_cache_write_reference(k, v, cache.k[self.layer], cache.v[self.layer], batch.slots)

@@ -339,10 +339,11 @@ class Observer:
 class Calibrator:
     """Static FP8 scales for a model's linear inputs and its KV cache, from calibration batches.
 
-    Forward pre-hooks observe every `nn.Linear`'s input (names filtered by `linear_filter`),
-    forward hooks the outputs of each attention module's `k_proj` and `v_proj`: K and V as the
-    cache holds them, so K after RoPE (which can grow an element by up to sqrt(2)) when the
-    attention module is called with HF's `position_embeddings=(cos, sin)`:
+    Forward pre-hooks observe every `nn.Linear`'s input (names filtered by `linear_filter`)
+    and K and V as the cache holds them, so K after RoPE (which can grow an element by up to
+    sqrt(2)): in fp8nemo's reference model at each attention's `kv_tap`; in an HF model from
+    the outputs of `k_proj` and `v_proj`, rotated with the `position_embeddings=(cos, sin)`
+    the attention module is called with:
 
         calib = Calibrator(model, observer="mse")
         calib.run(batches)
@@ -388,6 +389,13 @@ class Calibrator:
         return handles
 
     def _kv_hooks(self, name: str, attn: torch.nn.Module) -> list:
+        if hasattr(attn, "kv_tap"):  # fp8nemo's model: K after RoPE and V, as cached
+
+            def observe(mod, args):
+                self.keys[name].update(args[0], f"{name}.k_proj")
+                self.values[name].update(args[1], f"{name}.v_proj")
+
+            return [attn.kv_tap.register_forward_pre_hook(observe)]
         call = {}  # this forward's (cos, sin), when the module is called with them
         head_dim = getattr(attn, "head_dim", None)
 
