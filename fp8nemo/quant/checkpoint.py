@@ -35,9 +35,10 @@ HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
 
 @dataclass
 class QuantizedLinear:
-    """One FP8 linear layer: e4m3 `weight` [N, K], its fp32 `weight_scale` ([1] per tensor,
-    [N, 1] per channel, [ceil(N/128), ceil(K/128)] per block) and, for static activations, the
-    fp32 `input_scale` [1]."""
+    """The FP8 weight of one linear layer, as data (the module that runs it is another thing):
+    e4m3 `weight` [N, K], its fp32 `weight_scale` ([1] per tensor, [N, 1] per channel,
+    [ceil(N/128), ceil(K/128)] per block) and, for static activations, the fp32 `input_scale`
+    [1]."""
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
@@ -55,7 +56,8 @@ class Checkpoint:
     `linears` maps module names ("model.layers.0.self_attn.q_proj") to their FP8 weights and
     scales, `kv_scales` attention modules ("model.layers.0.self_attn") to their k_scale and
     v_scale, and `tensors` holds every other tensor under its HF name (norms, embeddings,
-    unquantized layers)."""
+    unquantized layers). Read from a folder, weights and `tensors` are views of its files'
+    memory maps (see `read_checkpoint`)."""
 
     config: dict
     format: str
@@ -187,8 +189,12 @@ _KV_NAMES = {
 
 def read_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint folder (config.json + safetensors, sharded or not) in any supported
-    format into memory; every tensor is checked against the names, shapes and dtypes its
-    format prescribes, and a mismatch is a CheckpointError (a ValueError) that names it."""
+    format; every tensor is checked against the names, shapes and dtypes its format
+    prescribes, and a mismatch is a CheckpointError (a ValueError) that names it.
+
+    Lazy: weights and other tensors are views of private memory maps of the shards (see
+    `TensorSource`), read from disk when touched. Scales are copied into memory, as their
+    values are checked; a weight's codes are read only where its scale holds a 0."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint folder")
     config = read_config(path)
@@ -254,7 +260,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         for k_pat, v_pat in kv_names:
             k_name, v_name = k_pat.format(A=attn), v_pat.format(A=attn)
             if k_name in names and v_name in names:
-                k, v = src[k_name], src[v_name]
+                k, v = src[k_name].clone(), src[v_name].clone()
                 for n, t in ((k_name, k), (v_name, v)):
                     _check_scale(n, t)
                 ckpt.kv_scales[attn] = {
@@ -328,9 +334,10 @@ def _activation_scheme(qc: dict) -> str:
 
 
 def _required(src: TensorSource, name: str, owner: str) -> torch.Tensor:
+    """The scale `name`, copied out of the file's map: the values checked are the ones used."""
     if name not in src:
         raise CheckpointError(f"missing tensor {name} (the scale of {owner})")
-    return src[name]
+    return src[name].clone()
 
 
 def _check_scale(name, scale, weight=None, granularity="tensor"):
