@@ -34,7 +34,7 @@ HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
 
 
 @dataclass
-class QuantizedLinear:
+class FP8Weight:
     """The FP8 weight of one linear layer, as data (the module that runs it is another thing):
     e4m3 `weight` [N, K], its fp32 `weight_scale` ([1] per tensor, [N, 1] per channel,
     [ceil(N/128), ceil(K/128)] per block) and, for static activations, the fp32 `input_scale`
@@ -62,7 +62,7 @@ class Checkpoint:
     config: dict
     format: str
     activation_scheme: str | None = None  # "static" / "dynamic"; None when unquantized
-    linears: dict[str, QuantizedLinear] = dataclass_field(default_factory=dict)
+    linears: dict[str, FP8Weight] = dataclass_field(default_factory=dict)
     kv_scales: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
 
@@ -248,7 +248,7 @@ def read_checkpoint(path: str) -> Checkpoint:
             used.add(in_name)
             input_scale = input_scale.float().reshape(1)
         used |= {wname, scale_name}
-        ckpt.linears[module] = QuantizedLinear(weight, scale.float(), granularity, input_scale)
+        ckpt.linears[module] = FP8Weight(weight, scale.float(), granularity, input_scale)
 
     # Attention modules with KV-cache scales, whether or not their projections are quantized.
     kv_names = _KV_NAMES["fp8" if fmt == "fine-grained-fp8" else fmt]
@@ -445,7 +445,7 @@ def quantization_config(fmt: str, granularity: str, activation_scheme: str, igno
     return qc
 
 
-def format_tensors(fmt: str, module: str, q: QuantizedLinear) -> list[tuple[str, torch.Tensor]]:
+def format_tensors(fmt: str, module: str, q: FP8Weight) -> list[tuple[str, torch.Tensor]]:
     """The tensors one quantized linear takes in `fmt`, under their names."""
     if q.weight.dtype != fp8.E4M3 or q.weight.dim() != 2:
         raise CheckpointError(
