@@ -168,7 +168,8 @@ class TensorSource:
 
     `source[name]` is a zero-copy CPU view of a private (copy-on-write) memory map of its
     shard: no byte is read before it is touched, and writing into a view never changes the
-    file. Views of one source share its maps, so a write shows in the next `source[name]`."""
+    file. Views of one source share its maps, so a write shows in the next `source[name]`
+    (and in no other source's)."""
 
     INDEX = "model.safetensors.index.json"
 
@@ -274,18 +275,23 @@ class TensorSource:
         return name in self._where
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file, dtype_name, shape, begin, _ = self._entries[name]
+        file, dtype_name, shape, begin, end = self._entries[name]
         dtype = VIEW_DTYPES.get(dtype_name)
-        if dtype is not None and begin % dtype.itemsize == 0 and sys.byteorder == "little":
-            view = torch.empty(0, dtype=dtype)
-            return view.set_(self._maps[file], begin // dtype.itemsize, shape)
-        # A copy where no view can be: a view's offset counts whole elements (data not aligned
-        # to its element size), torch has no dtype for it, or the host is big-endian
-        # (safetensors stores little-endian; safe_open byte-swaps).
-        try:
-            return self._handles[file].get_tensor(name)
-        except Exception as err:
-            raise CheckpointError(f"tensor {name} in {file} cannot be read: {err}") from None
+        if dtype is None or sys.byteorder != "little":
+            # safetensors reads what no view can be: a dtype torch has none for here, or any
+            # tensor on a big-endian host (the file is little-endian; safe_open swaps bytes).
+            try:
+                return self._handles[file].get_tensor(name)
+            except Exception as err:
+                raise CheckpointError(f"tensor {name} in {file} cannot be read: {err}") from None
+        # Each tensor gets its own slice of the map (zero-copy), so torch.save or pickling one
+        # writes its own bytes, not the shard's.
+        data = self._maps[file][begin:end]
+        if begin % dtype.itemsize:
+            # A copy: data not aligned to its element size would make a misaligned tensor.
+            raw = torch.empty(0, dtype=torch.uint8).set_(data, 0, (end - begin,)).clone()
+            return raw.view(dtype).reshape(shape)
+        return torch.empty(0, dtype=dtype).set_(data, 0, shape)
 
     def shard_of(self, name: str) -> str:
         """The shard file name that holds tensor `name`."""
