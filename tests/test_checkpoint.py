@@ -24,7 +24,7 @@ from fp8nemo.quant.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
-    QuantizedLinear,
+    FP8Weight,
     read_checkpoint,
     write_checkpoint,
 )
@@ -131,7 +131,7 @@ def quantized(gen, granularity, static, kv=True):
         if module in linear_names():
             w, s = fp8.quantize(t, granularity)
             in_s = torch.rand(1, generator=gen) * 0.05 + 0.01 if static else None
-            ckpt.linears[module] = QuantizedLinear(w, s, granularity, in_s)
+            ckpt.linears[module] = FP8Weight(w, s, granularity, in_s)
         else:
             ckpt.tensors[name] = t
     if kv and static:

@@ -5,13 +5,13 @@ the layering).
 """
 
 from .calibrate import Calibrator, calibrate_weight, quantize_weight
-from .checkpoint import Checkpoint, QuantizedLinear, read_checkpoint, write_checkpoint
+from .checkpoint import Checkpoint, FP8Weight, read_checkpoint, write_checkpoint
 from .qat import convert_qat, fake_quant_fp8, prepare_qat
 
 __all__ = [
     "Calibrator",
     "Checkpoint",
-    "QuantizedLinear",
+    "FP8Weight",
     "calibrate_weight",
     "convert_qat",
     "fake_quant_fp8",

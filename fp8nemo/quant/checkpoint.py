@@ -34,10 +34,11 @@ HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt
 
 
 @dataclass
-class QuantizedLinear:
-    """One FP8 linear layer: e4m3 `weight` [N, K], its fp32 `weight_scale` ([1] per tensor,
-    [N, 1] per channel, [ceil(N/128), ceil(K/128)] per block) and, for static activations, the
-    fp32 `input_scale` [1]."""
+class FP8Weight:
+    """The FP8 weight of one linear layer, as data (the module that runs it is another thing):
+    e4m3 `weight` [N, K], its fp32 `weight_scale` ([1] per tensor, [N, 1] per channel,
+    [ceil(N/128), ceil(K/128)] per block) and, for static activations, the fp32 `input_scale`
+    [1]."""
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
@@ -55,12 +56,13 @@ class Checkpoint:
     `linears` maps module names ("model.layers.0.self_attn.q_proj") to their FP8 weights and
     scales, `kv_scales` attention modules ("model.layers.0.self_attn") to their k_scale and
     v_scale, and `tensors` holds every other tensor under its HF name (norms, embeddings,
-    unquantized layers)."""
+    unquantized layers). Read from a folder, weights and `tensors` are views of its files'
+    memory maps (see `read_checkpoint`)."""
 
     config: dict
     format: str
     activation_scheme: str | None = None  # "static" / "dynamic"; None when unquantized
-    linears: dict[str, QuantizedLinear] = dataclass_field(default_factory=dict)
+    linears: dict[str, FP8Weight] = dataclass_field(default_factory=dict)
     kv_scales: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
 
@@ -187,8 +189,12 @@ _KV_NAMES = {
 
 def read_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint folder (config.json + safetensors, sharded or not) in any supported
-    format into memory; every tensor is checked against the names, shapes and dtypes its
-    format prescribes, and a mismatch is a CheckpointError (a ValueError) that names it."""
+    format; every tensor is checked against the names, shapes and dtypes its format
+    prescribes, and a mismatch is a CheckpointError (a ValueError) that names it.
+
+    Lazy: weights and other tensors are views of private memory maps of the shards (see
+    `TensorSource`), read from disk when touched. Scales are copied into memory, as their
+    values are checked; a weight's codes are read only where its scale holds a 0."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint folder")
     config = read_config(path)
@@ -242,7 +248,7 @@ def read_checkpoint(path: str) -> Checkpoint:
             used.add(in_name)
             input_scale = input_scale.float().reshape(1)
         used |= {wname, scale_name}
-        ckpt.linears[module] = QuantizedLinear(weight, scale.float(), granularity, input_scale)
+        ckpt.linears[module] = FP8Weight(weight, scale.float(), granularity, input_scale)
 
     # Attention modules with KV-cache scales, whether or not their projections are quantized.
     kv_names = _KV_NAMES["fp8" if fmt == "fine-grained-fp8" else fmt]
@@ -254,7 +260,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         for k_pat, v_pat in kv_names:
             k_name, v_name = k_pat.format(A=attn), v_pat.format(A=attn)
             if k_name in names and v_name in names:
-                k, v = src[k_name], src[v_name]
+                k, v = src[k_name].clone(), src[v_name].clone()
                 for n, t in ((k_name, k), (v_name, v)):
                     _check_scale(n, t)
                 ckpt.kv_scales[attn] = {
@@ -328,9 +334,10 @@ def _activation_scheme(qc: dict) -> str:
 
 
 def _required(src: TensorSource, name: str, owner: str) -> torch.Tensor:
+    """The scale `name`, copied out of the file's map: the values checked are the ones used."""
     if name not in src:
         raise CheckpointError(f"missing tensor {name} (the scale of {owner})")
-    return src[name]
+    return src[name].clone()
 
 
 def _check_scale(name, scale, weight=None, granularity="tensor"):
@@ -438,7 +445,7 @@ def quantization_config(fmt: str, granularity: str, activation_scheme: str, igno
     return qc
 
 
-def format_tensors(fmt: str, module: str, q: QuantizedLinear) -> list[tuple[str, torch.Tensor]]:
+def format_tensors(fmt: str, module: str, q: FP8Weight) -> list[tuple[str, torch.Tensor]]:
     """The tensors one quantized linear takes in `fmt`, under their names."""
     if q.weight.dtype != fp8.E4M3 or q.weight.dim() != 2:
         raise CheckpointError(

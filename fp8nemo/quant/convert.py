@@ -25,7 +25,7 @@ from .checkpoint import (
     WRITE_FORMATS,
     CheckpointError,
     CheckpointWriter,
-    QuantizedLinear,
+    FP8Weight,
     TensorSource,
     check_dtypes,
     detect_format,
@@ -351,7 +351,7 @@ def quantize_checkpoint(
                 q = calibrate_weight(tensor, scheme, method)
             except ValueError as err:
                 raise CheckpointError(f"{name}: {err}") from None
-            layer = QuantizedLinear(q.w_fp8, q.scale, scheme, input_scales.get(module))
+            layer = FP8Weight(q.w_fp8, q.scale, scheme, input_scales.get(module))
             for item in format_tensors(format, module, layer):
                 out.add(*item)
             reports.append(LayerReport(module, tuple(tensor.shape), scheme, q.method, q.on_grid,

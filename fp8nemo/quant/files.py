@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import stat
+import sys
 import warnings
 
 import torch
@@ -142,8 +144,32 @@ def read_config(path: str) -> dict:
     return config
 
 
+# safetensors dtype names -> the torch dtypes a view is made of; other dtypes are copied out by
+# safetensors itself.
+VIEW_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16,
+    "I16": torch.int16, "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _naturals(value, length: int | None = None) -> bool:
+    """Whether `value` is a list of ints >= 0 (of `length` of them, if given)."""
+    return (
+        isinstance(value, list)
+        and all(type(v) is int and v >= 0 for v in value)
+        and length in (None, len(value))
+    )
+
+
 class TensorSource:
-    """The tensors of a (sharded) safetensors checkpoint folder, loaded on demand."""
+    """The tensors of a (sharded) safetensors checkpoint folder, read on demand.
+
+    `source[name]` is a zero-copy CPU view of a private (copy-on-write) memory map of its
+    shard: no byte is read before it is touched, and writing into a view never changes the
+    file. Views of one source share its maps, so a write shows in the next `source[name]`
+    (and in no other source's)."""
 
     INDEX = "model.safetensors.index.json"
 
@@ -166,7 +192,9 @@ class TensorSource:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise CheckpointError(f"{path} holds no .safetensors weights")
-        self._handles, self._where = {}, {}
+        self._handles, self._maps, self._where = {}, {}, {}
+        # name -> (shard path, safetensors dtype, shape, first byte, end byte in the file)
+        self._entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
         self.files: dict[str, str] = {}  # shard name -> its real path (for readers that link)
         for name in files:
             file = os.path.join(path, name)
@@ -186,6 +214,7 @@ class TensorSource:
                         f"tensor {key} appears in both {self._where[key]} and {file}"
                     )
                 self._where[key] = file
+            self._map(file, real, keys)
         if weight_map is not None:  # the index and the shards must agree, tensor by tensor
             for key, name in sorted(weight_map.items()):
                 if self._where.get(key) != os.path.join(path, name):
@@ -195,6 +224,46 @@ class TensorSource:
                 raise CheckpointError(
                     f"{self._where[extra[0]]} holds {extra[0]}, which {index} does not list"
                 )
+
+    def _map(self, file: str, real: str, keys: list[str]) -> None:
+        """Map the shard `file` (whose header safe_open accepted) and take each tensor's byte
+        range from its header, checked against the map: a file changed since safe_open read
+        it cannot give a view outside the file or of the wrong size."""
+        try:
+            with open(real, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                raw = f.read(n) if 8 + n <= size else b""
+            self._maps[file] = torch.UntypedStorage.from_file(real, shared=False, nbytes=size)
+        except (OSError, RuntimeError) as err:
+            raise CheckpointError(f"{file} cannot be mapped: {err}") from None
+        changed = f"{file} changed while it was read"
+        try:
+            header = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CheckpointError(changed) from None
+        if not isinstance(header, dict) or header.keys() - {"__metadata__"} != set(keys):
+            raise CheckpointError(changed)
+        for key in keys:
+            entry = header[key]
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("dtype"), str)
+                and _naturals(entry.get("shape"))
+                and _naturals(entry.get("data_offsets"), 2)
+            ):
+                raise CheckpointError(f"{changed}: tensor {key} has no valid entry")
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = (8 + n + offset for offset in entry["data_offsets"])
+            if not begin <= end <= size:
+                raise CheckpointError(f"{changed}: tensor {key} lies outside it")
+            view = VIEW_DTYPES.get(dtype)
+            if view is not None and end - begin != math.prod(shape) * view.itemsize:
+                raise CheckpointError(
+                    f"tensor {key} in {file} spans {end - begin} bytes; shape {list(shape)} "
+                    f"of {dtype} takes {math.prod(shape) * view.itemsize}"
+                )
+            self._entries[key] = (file, dtype, shape, begin, end)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -206,25 +275,34 @@ class TensorSource:
         return name in self._where
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except KeyError:
-            raise
-        except Exception as err:
-            raise CheckpointError(
-                f"tensor {name} in {self._where[name]} cannot be read: {err}"
-            ) from None
+        file, dtype_name, shape, begin, end = self._entries[name]
+        dtype = VIEW_DTYPES.get(dtype_name)
+        if dtype is None or sys.byteorder != "little":
+            # safetensors reads what no view can be: a dtype torch has none for here, or any
+            # tensor on a big-endian host (the file is little-endian; safe_open swaps bytes).
+            try:
+                return self._handles[file].get_tensor(name)
+            except Exception as err:
+                raise CheckpointError(f"tensor {name} in {file} cannot be read: {err}") from None
+        # Each tensor gets its own slice of the map (zero-copy), so torch.save or pickling one
+        # writes its own bytes, not the shard's.
+        data = self._maps[file][begin:end]
+        if begin % dtype.itemsize:
+            # A copy: data not aligned to its element size would make a misaligned tensor.
+            raw = torch.empty(0, dtype=torch.uint8).set_(data, 0, (end - begin,)).clone()
+            return raw.view(dtype).reshape(shape)
+        return torch.empty(0, dtype=dtype).set_(data, 0, shape)
 
     def shard_of(self, name: str) -> str:
         """The shard file name that holds tensor `name`."""
         return os.path.basename(self._where[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._entries[name][2]
 
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype of `name` ("BF16", "F8_E4M3", ...), read from the header."""
-        return self._handles[self._where[name]].get_slice(name).get_dtype()
+        return self._entries[name][1]
 
 
 # ---------------------------------------------------------------------------------------------
