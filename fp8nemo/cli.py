@@ -124,6 +124,7 @@ def _inspect(args) -> int:
 
 
 def _quantize(args) -> int:
+    from fp8nemo.model import calibrate_checkpoint
     from fp8nemo.quant.convert import DEFAULT_KEEP, quantize_checkpoint
 
     start = time.perf_counter()
@@ -132,7 +133,7 @@ def _quantize(args) -> int:
             args.src, args.dst, scheme=args.scheme, activations=args.activations, calib=args.calib,
             format=args.format, method=args.method, observer=args.observer,
             keep=(*DEFAULT_KEEP, *(args.keep or ())), overwrite=args.overwrite,
-            device=args.device,
+            device=args.device, calibrate=calibrate_checkpoint,
         )  # fmt: skip
     except ValueError as err:  # CheckpointError, or calibration data the model can't take
         return _error(str(err))

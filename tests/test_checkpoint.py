@@ -20,6 +20,7 @@ from checkpoints import (
 from safetensors.torch import load_file, save_file
 
 from fp8nemo import fp8
+from fp8nemo.model import calibrate_checkpoint
 from fp8nemo.quant.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -359,11 +360,11 @@ def test_quantize_recovers_qat_weights_exactly(tmp_path, gen):
         assert torch.equal(deq[f"{name}.weight"].bfloat16(), tensors[f"{name}.weight"])
 
 
-def test_quantize_static_activations_calibrates_through_transformers(tmp_path, gen):
-    pytest.importorskip("transformers")
+def test_quantize_static_activations_calibrates_through_fp8nemos_model(tmp_path, gen):
     src, calib = static_source(tmp_path, gen, 6, 24)
     quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor", activations="static",
-                        calib=str(calib), format="fp8", progress=False)  # fmt: skip
+                        calib=str(calib), format="fp8", progress=False,
+                        calibrate=calibrate_checkpoint)  # fmt: skip
     back = read_checkpoint(str(tmp_path / "dst"))
     assert back.activation_scheme == "static"
     assert all(
@@ -375,6 +376,10 @@ def test_quantize_static_activations_calibrates_through_transformers(tmp_path, g
 QUANTIZE_BAD = [
     (dict(scheme="channel", format="fp8"), "per-channel weights need format compressed-tensors"),
     (dict(activations="static"), "static activations need calibration data"),
+    (
+        dict(scheme="tensor", activations="static", calib="x"),
+        "static activations need calibration runs of a model: pass calibrate=",
+    ),
     (dict(scheme="block", activations="static", calib="x"), "block-scaled weights take dynamic"),
     (dict(scheme="row"), "scheme must be one of"),
     (dict(format="gguf"), "format must be one of"),
@@ -416,11 +421,10 @@ def test_quantize_keeps_embeddings_and_warns_where_vllm_would_not_load(tmp_path,
 
 def test_quantize_static_with_a_kept_attention_reads_back(tmp_path, gen):
     """KV-cache scales belong to the attention, quantized projections or not."""
-    pytest.importorskip("transformers")
     src, calib = static_source(tmp_path, gen, 2, 16)
     quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor", activations="static",
                         calib=str(calib), keep=["lm_head", r"layers\.0\.self_attn"],
-                        progress=False)  # fmt: skip
+                        progress=False, calibrate=calibrate_checkpoint)  # fmt: skip
     back = read_checkpoint(str(tmp_path / "dst"))
     assert back.kv_scales.keys() == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     assert "model.layers.0.self_attn.q_proj" not in back.linears
@@ -436,14 +440,12 @@ def test_quantize_names_a_weight_it_cannot_quantize(tmp_path, gen):
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
-def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen, monkeypatch):
-    from fp8nemo.quant import convert
-
+def test_quantize_static_needs_a_scale_for_every_layer(tmp_path, gen):
     src, calib = static_source(tmp_path, gen, 2, 8)
-    monkeypatch.setattr(convert, "calibrate_checkpoint", lambda *args: ({}, {}))
     with pytest.raises(CheckpointError, match="no static input scale"):
         quantize_checkpoint(str(src), str(tmp_path / "dst"), scheme="tensor",
-                            activations="static", calib=str(calib), progress=False)  # fmt: skip
+                            activations="static", calib=str(calib), progress=False,
+                            calibrate=lambda *args: ({}, {}))  # fmt: skip
     assert not os.path.exists(tmp_path / "dst")
 
 

@@ -2,6 +2,7 @@
 "reference" backend): config, modules, KV cache, loading and generation."""
 
 from .cache import KVCache
+from .calibrate import calibrate_checkpoint
 from .config import ModelConfig, preset
 from .linear import FP8Linear, FP8Scheme
 from .loader import load_model
@@ -14,6 +15,7 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "build_model",
+    "calibrate_checkpoint",
     "load_model",
     "preset",
 ]

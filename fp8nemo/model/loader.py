@@ -160,10 +160,7 @@ def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, meth
 
 def _sources(path: str, ckpt) -> dict[str, str]:
     """Tensor name -> the shard file that holds it, for error messages."""
-    from fp8nemo.quant.files import TensorSource
-
-    src = TensorSource(path)
-    return {n: os.path.join(path, src.shard_of(n)) for n in src}
+    return {n: os.path.join(path, ckpt.source.shard_of(n)) for n in ckpt.source}
 
 
 def _checked(t: torch.Tensor, want: torch.Tensor, name: str, where: dict, path: str):

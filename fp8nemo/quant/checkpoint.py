@@ -65,6 +65,7 @@ class Checkpoint:
     linears: dict[str, FP8Weight] = dataclass_field(default_factory=dict)
     kv_scales: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
+    source: TensorSource | None = dataclass_field(default=None, repr=False)  # where it was read
 
     @property
     def schemes(self) -> dict[str, str]:
@@ -202,7 +203,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     src = TensorSource(path)
     check_dtypes(src, fmt)
     names = set(src.keys())
-    ckpt = Checkpoint(config=config, format=fmt)
+    ckpt = Checkpoint(config=config, format=fmt, source=src)
     if fmt == "unquantized":
         ckpt.tensors = {n: src[n] for n in sorted(names)}
         return ckpt

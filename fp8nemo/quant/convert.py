@@ -6,12 +6,10 @@ calibration runs the whole model, on the GPU when there is one."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +17,7 @@ import torch
 from fp8nemo import fp8
 from fp8nemo.utils import progress as show_progress
 
-from .calibrate import WEIGHT_METHODS, Calibrator, calibrate_weight
+from .calibrate import WEIGHT_METHODS, calibrate_weight
 from .checkpoint import (
     FLOAT_WEIGHTS,
     WRITE_FORMATS,
@@ -43,7 +41,8 @@ DEFAULT_KEEP = ("lm_head",)
 # Layers vLLM fuses into one GEMM: all quantized or all kept, and block-scaled only when each
 # one's output size is a multiple of 128.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-CALIB_BATCH = 4  # sequences per calibration forward
+# (src, input_ids, modules, observer, device) -> ({linear: input_scale}, {attention: k/v scales})
+Calibrate = Callable[[str, torch.Tensor, set, str, torch.device], tuple[dict, dict]]
 # config.json sizes that must be positive ints (and agree with the tensors where they show).
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")  # fmt: skip
@@ -144,26 +143,6 @@ def check_sizes(config: dict, src: TensorSource) -> None:
         )
 
 
-def check_model_shapes(model: torch.nn.Module, src: TensorSource) -> None:
-    """The tensors the model config.json describes (built on the meta device) are the ones the
-    checkpoint holds, with the same shapes (tied weights need one copy)."""
-    expected = model.state_dict(keep_vars=True)
-    held = {id(t) for n, t in expected.items() if n in src}
-    wrong = [
-        f"{n} is {list(src.shape(n))} in the checkpoint but {list(t.shape)} by config.json"
-        for n, t in expected.items()
-        if n in src and tuple(t.shape) != src.shape(n)
-    ]
-    missing = [n for n, t in expected.items() if n not in src and id(t) not in held]
-    if wrong or missing:
-        what = wrong[:2] + [f"{n} is missing" for n in missing[: 2 - len(wrong[:2])]]
-        count = len(wrong) + len(missing)
-        raise CheckpointError(
-            f"config.json does not describe the checkpoint's tensors: {'; '.join(what)}"
-            f"{f' ({count} in all)' if count > 2 else ''}"
-        )
-
-
 def load_calibration(path: str, vocab_size: int | None = None) -> torch.Tensor:
     """Token ids `[sequences, length]` (int, each in [0, vocab_size)) from a .safetensors file
     ("input_ids") or a file torch.load reads (a tensor or a dict with "input_ids")."""
@@ -220,59 +199,6 @@ def calibration_device(device: str | None) -> torch.device:
     return dev
 
 
-def calibrate_checkpoint(
-    src: TensorSource,
-    config: dict,
-    input_ids: torch.Tensor,
-    modules: set[str],
-    observer: str = "absmax",
-    device: torch.device | None = None,
-):
-    """Static input scales of `modules` and KV-cache scales, from running the checkpoint on
-    `input_ids` on `device` (default: the GPU if there is one). The model runs through HF
-    transformers until fp8nemo's own model lands, on exactly the tensors of `src` (the ones
-    being converted): its shards are linked into a temporary folder with an index listing
-    them and `config`, so no other weight file of the source folder is read."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise CheckpointError(
-            "static activations need calibration runs of the model, which need HF transformers "
-            "(pip install transformers) until fp8nemo's model wrapper exists"
-        ) from None
-    device = device or calibration_device(None)
-    model_type = field(config, "model_type", str, "config.json")
-    try:
-        hf_config = AutoConfig.for_model(
-            model_type, **{k: v for k, v in config.items() if k != "model_type"}
-        )
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"config.json is not a transformers config: {err}") from None
-    # Sizes as the model class reads them (n_layer and such aliases resolved), bounded before
-    # a model is built, then the meta-device model's tensors against the checkpoint's.
-    check_sizes({k: getattr(hf_config, k, None) for k in SIZES}, src)
-    with torch.device("meta"):
-        check_model_shapes(AutoModelForCausalLM.from_config(hf_config), src)
-    with tempfile.TemporaryDirectory() as folder:
-        for name, real in src.files.items():
-            os.symlink(real, os.path.join(folder, name))
-        index = {"metadata": {}, "weight_map": {t: src.shard_of(t) for t in src}}
-        with open(os.path.join(folder, TensorSource.INDEX), "w") as f:
-            json.dump(index, f)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
-    model = model.to(device)
-    calib = Calibrator(model, observer, linear_filter=lambda name, _: name in modules)
-    batches = [input_ids[i : i + CALIB_BATCH] for i in range(0, input_ids.shape[0], CALIB_BATCH)]
-    try:
-        calib.run(batches, forward=lambda model, ids: model(ids.to(device)))
-    except RuntimeError as err:  # out of memory, or a model that cannot run these ids
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"calibration forward pass on {device} failed: {first}") from None
-    return calib.input_scales(), calib.kv_scales()
-
-
 def quantize_checkpoint(
     src: str,
     dst: str,
@@ -287,10 +213,15 @@ def quantize_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    calibrate: Calibrate | None = None,
 ) -> list[LayerReport]:
     """Quantize the 16-bit checkpoint folder `src` into `dst` (see the module docstring);
     returns one report per quantized layer. Everything is checked before anything is
-    written, and `dst` appears only when complete."""
+    written, and `dst` appears only when complete.
+
+    Static activations need `calibrate(src, input_ids, modules, observer, device) ->
+    (input_scales, kv_scales)`, which runs a model: `fp8nemo.model.calibrate_checkpoint`
+    (this package sits below the model and never imports it)."""
     if scheme not in fp8.WEIGHT_GRANULARITIES:
         raise CheckpointError(f"scheme must be one of {fp8.WEIGHT_GRANULARITIES}; got {scheme!r}")
     if activations not in ("dynamic", "static"):
@@ -325,6 +256,11 @@ def quantize_checkpoint(
     weights = {f"{m}.weight": m for m in modules}
 
     ids = load_calibration(calib, config.get("vocab_size")) if static else None
+    if static and calibrate is None:
+        raise CheckpointError(
+            "static activations need calibration runs of a model: pass "
+            "calibrate=fp8nemo.model.calibrate_checkpoint"
+        )
 
     reports = []
     names = source.keys()
@@ -332,9 +268,7 @@ def quantize_checkpoint(
     with CheckpointWriter(dst, overwrite=overwrite, source=src) as out:
         input_scales, kv_scales = {}, {}
         if static:
-            input_scales, kv_scales = calibrate_checkpoint(
-                source, config, ids, set(modules), observer, device
-            )
+            input_scales, kv_scales = calibrate(src, ids, set(modules), observer, device)
             missing = sorted(set(modules) - input_scales.keys())
             if missing:
                 raise CheckpointError(
