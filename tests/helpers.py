@@ -77,3 +77,46 @@ def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     noise = (x.double() - ref).pow(2).sum()
     return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-300))
+
+
+# A fresh interpreter's peak RSS above its baseline while it runs `body` (peak RSS is per
+# process): the prologue imports torch and fp8nemo first, so the figures are the body's own.
+_PEAK = """
+import json, sys
+import torch
+import fp8nemo.model
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) << 10 for l in f if l.startswith(key + ":"))
+
+def peak():
+    return status("VmHWM") - base
+
+torch.ones(64).sum()  # torch's first op sets up what it keeps
+base = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux 4.0+)
+        f.write("5")
+except OSError:
+    pass  # then the peaks count the imports' too: the figures only grow
+"""
+
+
+def peak_rss(body: str, *args: str) -> dict:
+    """Run `body` after the prologue above in a subprocess with `args` as sys.argv[1:]; it
+    prints one JSON object (using `peak()`), which is returned."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import fp8nemo
+
+    root = os.path.dirname(os.path.dirname(fp8nemo.__file__))  # this fp8nemo, not another
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _PEAK + body, *args], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

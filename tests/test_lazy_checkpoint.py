@@ -6,17 +6,15 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import ct_config, hf_config, write
+from helpers import peak_rss
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fp8nemo
 from fp8nemo.quant.checkpoint import CheckpointError, read_checkpoint
 from fp8nemo.quant.files import TensorSource
 
@@ -254,27 +252,14 @@ def test_a_shard_changed_after_safe_opens_check_gives_no_view(edit, match, tmp_p
 # ---- memory --------------------------------------------------------------------------------
 
 MEMORY = """
-import json, sys
-import torch
 from fp8nemo.quant.checkpoint import read_checkpoint
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) << 10 for l in f if l.startswith(key + ":"))
-
-torch.ones(64).sum()  # torch's first op sets up what it keeps
-base = status("VmRSS")
-try:
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux 4.0+)
-        f.write("5")
-except OSError:
-    pass  # then the peaks below count the imports' too: the figures only grow
 ckpt = read_checkpoint(sys.argv[1])
-read = status("VmHWM") - base
+read = peak()
 weights = [*ckpt.tensors.values(), *(q.weight for q in ckpt.linears.values())]
 for t in weights:
     t.view(torch.uint8).max()  # reads every byte, allocates nothing
-print(json.dumps({"read": read, "touched": status("VmHWM") - base}))
+print(json.dumps({"read": read, "touched": peak()}))
 """
 
 N, K = 5120, 5120  # NeMo's hidden size: one bf16 [N, K] is 52 MB
@@ -317,11 +302,6 @@ def test_reading_costs_no_copy_and_touching_one(kind, tmp_path, gen):
     every byte once maps each page once (file pages count in RSS) and copies none: within
     1.2x the checkpoint above the baseline; a copy on touch would make it 2x."""
     nbytes = (big_bf16 if kind == "bf16-sharded" else big_fp8)(tmp_path / "ckpt", gen)
-    root = os.path.dirname(os.path.dirname(fp8nemo.__file__))  # this fp8nemo, not another
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path / "ckpt")], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    peak = json.loads(proc.stdout)
+    peak = peak_rss(MEMORY, str(tmp_path / "ckpt"))
     assert peak["read"] < nbytes / 16, (peak, nbytes)
     assert peak["touched"] < 1.2 * nbytes, (peak, nbytes)

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from checkpoints import bf16_tensors, hf_config, write
+from helpers import peak_rss
 from safetensors.torch import save_file
 
 from fp8nemo.model import ModelConfig, load_model, preset
@@ -216,3 +217,55 @@ def test_unknown_architecture_is_named(bf16_checkpoint):
     (bf16_checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: model_type = 'gpt2' is not supported"):
         load_model(str(bf16_checkpoint), backend="reference", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# peak host memory of loading
+
+LOAD = """
+from fp8nemo.model import load_model
+
+model = load_model(sys.argv[1], backend=sys.argv[2], dtype=torch.bfloat16, progress=False)
+loaded = peak()
+logits = model(torch.tensor([[1, 2, 3]]))  # every weight is really there
+print(json.dumps({"load": loaded, "finite": bool(logits.isfinite().all())}))
+"""
+
+# A Mistral-shaped model of 310 MB in bf16: 6 layers of hidden 1024, MLP 4096, 32k vocab.
+BIG = dict(hf_config(), hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
+           num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=32000)  # fmt: skip
+
+
+def folder_bytes(path) -> int:
+    return sum(
+        os.path.getsize(os.path.join(path, n))
+        for n in os.listdir(path)
+        if n.endswith(".safetensors")
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
+def test_loading_peaks_within_1_2x_the_checkpoints_bytes(tmp_path):
+    """A 310 MB bf16 checkpoint on the reference backend, and its FP8 conversion on the fp8
+    backend, each loaded in a fresh process: the weights are the files' memory maps, never a
+    second copy, so peak RSS above the baseline stays within 1.2x the checkpoint's bytes (a
+    copy per tensor would make it 2x)."""
+    from fp8nemo.model import build_model
+    from fp8nemo.quant.convert import quantize_checkpoint
+
+    model = build_model(ModelConfig.from_hf(BIG), "reference", dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.02)
+    src = tmp_path / "bf16"
+    os.makedirs(src)
+    (src / "config.json").write_text(json.dumps(BIG))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors")
+    )
+    del model
+    quantize_checkpoint(str(src), str(tmp_path / "fp8"), scheme="channel", progress=False)
+    for folder, backend in ((src, "reference"), (tmp_path / "fp8", "fp8")):
+        nbytes = folder_bytes(folder)
+        peak = peak_rss(LOAD, str(folder), backend)
+        assert peak["finite"]
+        assert peak["load"] < 1.2 * nbytes, (backend, peak, nbytes)
