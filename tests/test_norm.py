@@ -36,7 +36,7 @@ from fp8nemo.kernels.norm import rmsnorm_reference
 N = importlib.import_module("fp8nemo.kernels.norm")
 E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 64), (17, 200), (3, 7, 200), (2, 5120)]
+SHAPES = [(1, 64), (5, 1), (17, 200), (3, 7, 200), (2, 5120)]
 GRANULARITIES = ["token", "group", "static"]
 
 

@@ -35,7 +35,7 @@ S = importlib.import_module("fp8nemo.kernels.swiglu")
 Q = importlib.import_module("fp8nemo.kernels.quantize")
 E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 64), (17, 200), (3, 7, 200), (2, 14336)]
+SHAPES = [(1, 64), (5, 1), (17, 200), (3, 7, 200), (2, 14336)]
 GRANULARITIES = ["token", "group", "static"]
 
 

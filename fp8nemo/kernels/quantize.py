@@ -193,6 +193,7 @@ def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_scale_mode(granularity: str, scale: torch.Tensor | None) -> int:
+    """The SCALE_MODE constexpr a fused op's kernel gets."""
     return (SCALE_STATIC if scale is not None else
             SCALE_GROUP if granularity == "group" else SCALE_TOKEN).value  # fmt: skip
 
@@ -240,7 +241,7 @@ def fused_tile(K: int, granularity: str, group_size: int) -> tuple[int, int, int
 
 
 def fused_num_warps(elems: int) -> int:
-    # About 16 fp32 values per thread and tensor: a whole 16384-wide row stays in registers.
+    # At most 32 values per thread and tensor: a whole 16384-wide row stays in registers.
     return 4 if elems < 2048 else 8 if elems < 8192 else 16
 
 
