@@ -63,22 +63,6 @@ def assert_codes_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     )
 
 
-def check_bad_input(fn, kwargs, error, match) -> None:
-    """`fn(**kwargs)` raises `error` matching `match`; with error None it must succeed."""
-    if error is None:
-        fn(**kwargs)
-        return
-    with pytest.raises(error, match=match):
-        fn(**kwargs)
-
-
-def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of x against ref, in dB."""
-    ref = ref.double()
-    noise = (x.double() - ref).pow(2).sum()
-    return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-300))
-
-
 def assert_quantized_like(q, s, y_ref, rel, granularity, scale=None, group_size=128, what=""):
     """Codes `q` and scales `s` of an op that quantizes its own fp32 result y, against
     `fp8.quantize(y_ref)`, where the two fp32 computations may differ by rounding only:
@@ -133,3 +117,20 @@ def assert_quantized_like(q, s, y_ref, rel, granularity, scale=None, group_size=
             f"y_ref / s_ref={t[i].item():.7g}"
         ),
     )
+
+
+def check_bad_input(fn, kwargs, error, match) -> None:
+    """`fn(**kwargs)` raises `error` matching `match`; with error None it must succeed."""
+    if error is None:
+        fn(**kwargs)
+        return
+    with pytest.raises(error, match=match):
+        fn(**kwargs)
+
+
+def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of x against ref, in dB."""
+    ref = ref.double()
+    noise = (x.double() - ref).pow(2).sum()
+    return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-300))
+
