@@ -133,4 +133,3 @@ def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     noise = (x.double() - ref).pow(2).sum()
     return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-300))
-
