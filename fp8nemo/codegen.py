@@ -24,6 +24,8 @@ KERNEL_MODULES = (
     "fp8nemo.kernels.rope",
     "fp8nemo.kernels.attention",
     "fp8nemo.kernels.decode",
+    "fp8nemo.kernels.norm",
+    "fp8nemo.kernels.swiglu",
 )
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
 

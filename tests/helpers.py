@@ -63,6 +63,62 @@ def assert_codes_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     )
 
 
+def assert_quantized_like(q, s, y_ref, rel, granularity, scale=None, group_size=128, what=""):
+    """Codes `q` and scales `s` of an op that quantizes its own fp32 result y, against
+    `fp8.quantize(y_ref)`, where the two fp32 computations may differ by rounding only:
+    |y / y_ref - 1| <= rel elementwise (`rel` a float or a tensor shaped like y_ref). A given
+    static `scale` means per-tensor quantization with it.
+
+    Scales: a static one comes back as given. A dynamic one is amax / 448; amax moves by at most
+    max(rel) of itself and each side divides once, so |s / s_ref - 1| <= rel_s =
+    (1 + max(rel)) (1 + u) / (1 - u) - 1. Codes: NaN exactly where the reference's are; elsewhere
+    equal, or the two e4m3 neighbours of a rounding boundary m that the op's quotient y / s and
+    the reference's can fall either side of: then m lies within ((1 + rel) (1 + u) / (1 - rel_s)
+    - 1) |t| of the exact reference quotient t = y_ref / s_ref.
+    """
+    from fp8nemo import fp8
+
+    u = UNIT_ROUNDOFF[torch.float32]
+    q, s, y_ref = q.cpu(), s.cpu(), y_ref.float().cpu()
+    static = scale is not None
+    granularity = "tensor" if static else granularity
+    want_q, want_s = fp8.quantize(y_ref, granularity, scale.cpu().reshape(1) if static else None,
+                                  group_size)  # fmt: skip
+    want_s = want_s.reshape(s.shape)
+    assert q.shape == y_ref.shape and q.dtype == torch.float8_e4m3fn, (q.shape, q.dtype)
+    rel = torch.as_tensor(rel, dtype=torch.float64).expand(y_ref.shape)
+    finite = y_ref.isfinite()
+    rel_max = rel[finite].max().item() if finite.any() else 0.0
+    rel_s = 0.0 if static else (1 + rel_max) * (1 + u) / (1 - u) - 1
+    if static:
+        assert torch.equal(s, want_s), f"{what}: the static scale did not come back as given"
+    else:
+        # NaN or inf (from a NaN or inf amax) exactly where the reference's scale is.
+        keep = want_s.isfinite()
+        same = (s == want_s) | (s.isnan() & want_s.isnan())
+        _fail((s.isfinite() != keep) | (~keep & ~same), what,
+              "scales non-finite where the reference's are not (or the reverse)",
+              lambda i: f"out={s[i].item():g} ref={want_s[i].item():g}")  # fmt: skip
+        assert_within(s[keep], want_s[keep], want_s[keep].abs() * rel_s, f"{what}: scales")
+    qb, wb = q.view(torch.uint8).int(), want_q.view(torch.uint8).int()
+    nan_q, nan_w = (qb & 0x7F) == E4M3_NAN_CODE, (wb & 0x7F) == E4M3_NAN_CODE
+    _fail(nan_q != nan_w, what, "codes NaN where the reference's are not (or the reverse)",
+          lambda i: f"out={q[i].float().item():g} ref={want_q[i].float().item():g}")  # fmt: skip
+    t = y_ref.double() / fp8.expand_scale(want_s, y_ref.shape, granularity, group_size).double()
+    m = (q.float().double() + want_q.float().double()) / 2
+    near = (t - m).abs() <= ((1 + rel) * (1 + u) / (1 - rel_s) - 1) * t.abs()
+    neighbours = ((qb ^ wb) & 0x80 == 0) & ((qb - wb).abs() == 1)
+    _fail(
+        (qb != wb) & ~nan_w & ~(neighbours & near),
+        what,
+        "FP8 codes differ beyond a rounding boundary the fp32 round-off can cross",
+        lambda i: (
+            f"out={q[i].float().item():g} ref={want_q[i].float().item():g} "
+            f"y_ref / s_ref={t[i].item():.7g}"
+        ),
+    )
+
+
 def check_bad_input(fn, kwargs, error, match) -> None:
     """`fn(**kwargs)` raises `error` matching `match`; with error None it must succeed."""
     if error is None:

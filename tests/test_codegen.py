@@ -66,6 +66,18 @@ def test_quantize_kernels_compile_cleanly():
         assert r["spill_bytes"] == 0 and not r["problems"] and not r["mma"], r
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_89"])
+def test_fused_quantize_kernels_compile_without_spills(arch):
+    """rmsnorm_fp8 and silu_mul_fp8 keep a NeMo row (5120, 14336) in registers: no spills, and
+    neither does the looped path for longer rows."""
+    rows = [r for r in inspect_rows(arch) if r["op"] in ("rmsnorm_fp8", "silu_mul_fp8")]
+    assert {r["kernel"] for r in rows} == {"_rmsnorm_fp8_kernel", "_silu_mul_fp8_kernel"}
+    assert len(rows) == 10
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["local_loads_stores"] == 0, r
+        assert not r["problems"] and not r["mma"], r
+
+
 @pytest.mark.parametrize(
     "arch, half_mma, fp8_mma", [("sm_90", "HGMMA", "QGMMA"), ("sm_89", "HMMA", "QMMA")]
 )

@@ -4,16 +4,20 @@ from ._triton import value_checks
 from .attention import flash_attention
 from .decode import decode_attention
 from .fp8_gemm import fp8_gemm
+from .norm import rmsnorm_fp8
 from .quantize import quantize_fp8
 from .rope import rope_, rope_cache, rope_kv_cache_
+from .swiglu import silu_mul_fp8
 
 __all__ = [
     "decode_attention",
     "flash_attention",
     "fp8_gemm",
     "quantize_fp8",
+    "rmsnorm_fp8",
     "rope_",
     "rope_cache",
     "rope_kv_cache_",
+    "silu_mul_fp8",
     "value_checks",
 ]

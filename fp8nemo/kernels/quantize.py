@@ -148,6 +148,111 @@ def _quantize_groups_kernel(
     tl.store(y_ptr + rows[:, None, None] * K + cols[None, :, :], y, mask=mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# The epilogue of the fused ops (norm.py, swiglu.py): an fp32 tile they computed is quantized as
+# quantize_fp8 would quantize it, with a dynamic per-token or per-group scale or a static one.
+
+SCALE_STATIC = tl.constexpr(0)  # one given per-tensor scale
+SCALE_TOKEN = tl.constexpr(1)  # each row's amax
+SCALE_GROUP = tl.constexpr(2)  # each 1 x GROUP group's amax
+# A row up to this many elements stays in registers (NeMo: hidden 5120, SwiGLU 14336); a longer
+# one is read again, CHUNK elements per step, once its amax (or RMS) is known.
+ROW_TILE_MAX = 16384
+CHUNK = 4096
+
+
+@triton.jit
+def _group_scales(
+    y, scale_ptr, rows, row_mask, groups, K, stride_sm, stride_sg, GROUP: tl.constexpr
+):
+    # y: [ROWS, GROUPS, GROUP] fp32 -> each group's scale, stored and returned as [ROWS, GROUPS, 1]
+    scale = _scale_of(tl.max(_abs_bits(y), 2))
+    mask = row_mask[:, None] & (groups * GROUP < K)[None, :]
+    tl.store(scale_ptr + rows[:, None] * stride_sm + groups[None, :] * stride_sg, scale, mask=mask)
+    return scale[:, :, None]
+
+
+@triton.jit
+def _row_scales(amax_bits, scale_ptr, rows, row_mask, stride_sm):
+    # amax_bits: [ROWS, GROUPS, GROUP] running max of _abs_bits -> each row's scale, stored and
+    # returned as [ROWS, 1, 1]
+    scale = _scale_of(tl.max(tl.max(amax_bits, 2), 1))
+    tl.store(scale_ptr + rows * stride_sm, scale, mask=row_mask)
+    return scale[:, None, None]
+
+
+def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` `[..., K]` as `[M, K]` rows of one row stride, without a copy."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        raise ValueError(
+            f"{name} with shape {list(t.shape)} and strides {list(t.stride())} cannot be viewed "
+            f"as [M, K] rows; call .contiguous() first"
+        ) from None
+
+
+def fused_scale_mode(granularity: str, scale: torch.Tensor | None) -> int:
+    """The SCALE_MODE constexpr a fused op's kernel gets."""
+    return (SCALE_STATIC if scale is not None else
+            SCALE_GROUP if granularity == "group" else SCALE_TOKEN).value  # fmt: skip
+
+
+def check_fused_scale(name, x, granularity, scale, group_size) -> tuple:
+    """Validate a fused op's quantization arguments for its output `[..., K]` (shaped like input
+    `name`, `x`); returns the scale shape. Dynamic scales are per token or per group; a given
+    `scale` (fp32, one element, positive and finite) means static per-tensor quantization."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if scale is None:
+        if granularity == "tensor":
+            raise ValueError(
+                "granularity='tensor' needs a static scale (a dynamic per-tensor scale needs "
+                "the whole tensor's amax before any row is written); pass scale, or use "
+                "granularity 'token' or 'group'"
+            )
+        if granularity == "group" and group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size!r}")
+        return fp8_ref.scale_shape(x.shape, granularity, group_size)
+    if granularity == "group":
+        raise ValueError(
+            "a given scale is one static per-tensor scale; granularity='group' takes no scale "
+            "(use granularity 'token' or 'tensor' with a scale, or drop the scale)"
+        )
+    check_tensor("scale", scale, (torch.float32,))
+    check_same_device(**{name: x, "scale": scale})
+    if not fp8_ref.is_per_tensor(scale):
+        raise ValueError(
+            f"scale must have one element (a static per-tensor scale; any shape such as [], [1], "
+            f"[1, 1]); got shape {list(scale.shape)}"
+        )
+    check_positive_finite("scale", scale)
+    return (1,)
+
+
+def fused_tile(K: int, granularity: str, group_size: int) -> tuple[int, int, int, bool]:
+    """(ROWS, GROUPS, GROUP, ONE_TILE) of a fused op's [ROWS, GROUPS, GROUP] tiles over [M, K]:
+    the whole (padded) row when it fits in ROW_TILE_MAX, else CHUNK columns per step."""
+    group = group_size if granularity == "group" else min(128, triton.next_power_of_2(K))
+    padded = max(triton.next_power_of_2(K), group)
+    one_tile = padded <= ROW_TILE_MAX
+    block = padded if one_tile else CHUNK
+    return max(1, min(MAX_ROWS, TILE_ELEMS // block)), block // group, group, one_tile
+
+
+def fused_num_warps(elems: int) -> int:
+    # At most 32 values per thread and tensor: a whole 16384-wide row stays in registers.
+    return 4 if elems < 2048 else 8 if elems < 8192 else 16
+
+
+def fused_outputs(x, scale, scale_shape):
+    """Codes shaped like x and the output scale: the given static scale as [1], else empty."""
+    y = torch.empty(x.shape, dtype=fp8_ref.E4M3, device=x.device)
+    if scale is not None:
+        return y, scale.reshape(1).clone()
+    return y, torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+
+
 def _check_args(x, granularity, scale, group_size):
     """Validate the op's arguments; returns the scale shape."""
     check_tensor("x", x, INPUT_DTYPES)
@@ -231,13 +336,7 @@ def _launch(x2, y, granularity, scale, out_scale, group_size) -> None:
 def _quantize_fp8_impl(x, granularity="token", *, scale=None, group_size=128):
     scale_shape = _check_args(x, granularity, scale, group_size)
     K = x.shape[-1]
-    try:
-        x2 = x.view(-1, K)
-    except RuntimeError:
-        raise ValueError(
-            f"x with shape {list(x.shape)} and strides {list(x.stride())} cannot be viewed as "
-            f"[M, K] rows; call .contiguous() first"
-        ) from None
+    x2 = as_rows("x", x)
     no_rows = x2.shape[0] == 0  # decided before the path choice, so both paths agree
     if not no_rows and not use_triton(x.device, "quantize_fp8"):
         y, s = fp8_ref.quantize(x, granularity, scale, group_size)
