@@ -126,7 +126,9 @@ def checkpoint(tmp_path_factory):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
-    template = "{{ bos_token }} {% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    template = (
+        "{{ bos_token }} {% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    )
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": template}))  # fmt: skip
     return path

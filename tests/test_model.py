@@ -4,11 +4,14 @@ and the FP8 backend's error against the reference."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from helpers import sqnr_db
 from models import CONFIGS, save_hf_model
 
-from fp8nemo.model import load_model
+from fp8nemo.model import FP8Scheme, load_model
 from fp8nemo.model.generate import generate
 
 pytest.importorskip("transformers")
@@ -111,3 +114,86 @@ def test_packed_batch_equals_one_by_one(checkpoints, gen):
     own = max(max_err(logits_of(ref32, s[None])[0], a) for s, a in zip(seqs, alone64, strict=True))
     assert max_err(packed, torch.cat(alone64)) <= 2 * own
     assert max_err(last, torch.stack([a[-1] for a in alone64])) <= 2 * own
+
+
+# ---------------------------------------------------------------------------------------------
+# the FP8 backend
+
+# Rounding to e4m3 (3 mantissa bits) leaves a relative error uniform in +-2^-4 of each value:
+# variance 2^-8 / 3, an SQNR of 10 log10(768) = 28.9 dB per quantized tensor. A forward through
+# L blocks quantizes 7 weights and 4 activations (both norms' outputs, the attention output,
+# SiLU * up) per block; if none of these noises is amplified they add up, and the logits' SQNR
+# against the reference is at least 28.9 - 10 log10(11 L) dB (13.7 dB for 3 blocks).
+E4M3_SQNR_DB = 10 * math.log10(3 * 2**8)
+
+
+def fp8_floor_db(layers: int) -> float:
+    return E4M3_SQNR_DB - 10 * math.log10(11 * layers)
+
+
+def fp8_model(path, scheme="channel", **kw):
+    return load_model(
+        path, backend="fp8", dtype=torch.bfloat16, scheme=scheme, progress=False, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "name, scheme",
+    [("nemo", "tensor"), ("nemo", "channel"), ("nemo", "block"), ("mistral", "channel"),
+     ("llama", "block")],
+)  # fmt: skip
+def test_fp8_backend_logits_sqnr_above_the_derived_floor(name, scheme, checkpoints, gen):
+    path, _ = checkpoints[name]
+    ids = ids_for(gen, 2, SEQ)
+    ref = logits_of(load_model(path, backend="reference", dtype=torch.float32, progress=False), ids)
+    out = logits_of(fp8_model(path, scheme), ids)
+    assert out.isfinite().all()
+    floor = fp8_floor_db(CONFIGS[name][1]["num_hidden_layers"])
+    assert sqnr_db(out, ref) > floor, f"{name}/{scheme}: {sqnr_db(out, ref):.1f} dB <= {floor:.1f}"
+
+
+def test_quantized_on_load_equals_converted_then_loaded(checkpoints, tmp_path, gen):
+    """A 16-bit checkpoint quantized on load is the checkpoint `fp8nemo quantize` writes, loaded:
+    the same codes and scales in every layer, the same logits bit for bit."""
+    from fp8nemo.quant.convert import quantize_checkpoint
+
+    path, _ = checkpoints["nemo"]
+    quantize_checkpoint(path, str(tmp_path / "fp8"), scheme="channel", progress=False)
+    a, b = fp8_model(path, "channel"), fp8_model(str(tmp_path / "fp8"), None)
+    assert b.backend.scheme == FP8Scheme("channel", "dynamic")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(
+            sa[key].view(torch.uint8) if sa[key].dtype == torch.float8_e4m3fn else sa[key],
+            sb[key].view(torch.uint8) if sb[key].dtype == torch.float8_e4m3fn else sb[key],
+        ), key
+    ids = ids_for(gen, 1, 40)
+    assert torch.equal(logits_of(a, ids), logits_of(b, ids))
+
+
+def test_static_activations_from_calibration_through_the_model(checkpoints, tmp_path, gen):
+    """`quantize --activations static` calibrates on fp8nemo's reference model; the FP8 model of
+    the result, with its e4m3 KV cache and k/v scales, stays above the same floor."""
+    from safetensors.torch import save_file
+
+    from fp8nemo.model import calibrate_checkpoint
+    from fp8nemo.quant.convert import quantize_checkpoint
+
+    path, _ = checkpoints["nemo"]
+    save_file({"input_ids": ids_for(gen, 8, SEQ)}, str(tmp_path / "calib.safetensors"))
+    quantize_checkpoint(path, str(tmp_path / "fp8"), scheme="tensor", activations="static",
+                        calib=str(tmp_path / "calib.safetensors"), progress=False,
+                        calibrate=calibrate_checkpoint)  # fmt: skip
+    model = fp8_model(str(tmp_path / "fp8"), None, kv_cache_dtype="fp8")
+    assert model.backend.scheme.static
+    attn = model.model.layers[0].self_attn
+    assert attn.k_scale.item() != 1.0 and attn.q_proj.input_scale.item() > 0
+    norm = model.model.layers[0].input_layernorm
+    want = torch.stack(
+        [attn.q_proj.input_scale, attn.k_proj.input_scale, attn.v_proj.input_scale]
+    ).amax(0)
+    assert torch.equal(norm.input_scale, want)
+    ids = ids_for(gen, 2, SEQ)
+    ref = logits_of(load_model(path, backend="reference", dtype=torch.float32, progress=False), ids)
+    assert sqnr_db(logits_of(model, ids), ref) > fp8_floor_db(3)
