@@ -40,11 +40,12 @@ cat "$RESULTS/environment.txt"
 # Kernel compiles dominate the tests' time: spread them over processes where xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 170 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+stage tests 190 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
     tests/test_quantize.py tests/test_fp8_gemm.py tests/test_rope.py tests/test_attention.py \
-    tests/test_decode.py tests/test_ops.py --junitxml="$RESULTS/tests.xml"
+    tests/test_decode.py tests/test_norm.py tests/test_swiglu.py tests/test_ops.py \
+    tests/test_generate.py --junitxml="$RESULTS/tests.xml"
 stage inspect 40 "$PY" -m fp8nemo.cli inspect --arch sm_90
-for spec in gemm:100:70 attention:60:40 decode:50:30 rope:25:10; do
+for spec in gemm:80:55 attention:60:40 decode:50:30 rope:25:10; do
     IFS=: read -r suite limit budget <<<"$spec"
     stage "bench-$suite" "$limit" "$PY" -m fp8nemo.cli bench --suite "$suite" --budget "$budget" \
         --out "$RESULTS" --markdown

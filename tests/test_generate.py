@@ -180,3 +180,87 @@ def test_generate_command_takes_token_ids_without_a_tokenizer(tmp_path, checkpoi
                                   "ids separated by spaces; got 'hello'")  # fmt: skip
     chat = run_cli(bare, "--prompt", "1", "--chat", "--backend", "reference")
     assert chat.returncode == 2 and "--chat needs one" in chat.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the FP8 model on the test device (the interpreter on CPU, the compiled kernels on CUDA)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny preset (2 blocks of NeMo's quirks, seeded random weights) saved as a bf16 HF
+    checkpoint folder."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    model = load_model("tiny", backend="reference", dtype=torch.bfloat16, seed=7)
+    (path / "config.json").write_text(json.dumps(model.config.to_hf()))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors")
+    )
+    return str(path)
+
+
+def test_fp8_model_on_device_generates_as_prefill_recomputes(tiny_folder, device, gen):
+    """Greedy decode on the FP8 model (packed prefill, then cached decode steps) picks the
+    tokens a full forward over the generated sequence ranks first, where the full forward's
+    margin is clear; and its logits stay above the e4m3 floor against the fp32 reference."""
+    import math
+
+    ref32 = load_model(tiny_folder, backend="reference", dtype=torch.float32, progress=False)
+    model = load_model(tiny_folder, backend="fp8", device=device, progress=False)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (17, 5)]
+    out = generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    for prompt, tokens in zip(prompts, out.tokens, strict=True):
+        seq = torch.tensor([prompt + tokens], device=device)
+        with torch.no_grad():
+            full = model(seq)[0, len(prompt) - 1 : -1].float()
+            ref = ref32(seq.cpu())[0].double()
+        top2 = full.topk(2, dim=-1)
+        clear = (top2.values[:, 0] - top2.values[:, 1]) > 0.05 * full.abs().amax(-1)
+        picked = top2.indices[:, 0].cpu()
+        assert (picked == torch.tensor(tokens))[clear.cpu()].all()
+        noise = (model(seq)[0].double().cpu() - ref).pow(2).sum()
+        sqnr = 10 * math.log10(ref.pow(2).sum().item() / noise.item())
+        assert sqnr > 28.9 - 10 * math.log10(11 * 2), sqnr  # see tests/test_model.py
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens(tiny_folder, device, gen):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need FP8NEMO_TEST_DEVICE=cuda")
+    model = load_model(tiny_folder, backend="fp8", device=device, progress=False)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 4, 30)]
+    eager = generate(model, prompts, max_new_tokens=8, stop_tokens=[])
+    graph = generate(model, prompts, max_new_tokens=8, stop_tokens=[], cuda_graph=True)
+    assert graph.tokens == eager.tokens
+
+
+def test_model_checks_indices_once_and_runs_its_ops_without_value_checks(tiny_folder, monkeypatch):
+    """The forward validates ids and lengths itself; inside, every op runs with the host value
+    checks off (each would cost a device sync per op)."""
+    from fp8nemo import kernels
+    from fp8nemo.kernels._triton import value_checks_enabled
+
+    model = load_model(tiny_folder, backend="fp8", progress=False)
+    seen = []
+    for op in ("rope_", "rope_kv_cache_", "flash_attention", "append_attention", "fp8_gemm"):
+        original = getattr(kernels, op)
+
+        def spy(*args, _original=original, **kw):
+            seen.append(value_checks_enabled(args[0]))
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(kernels, op, spy)
+    monkeypatch.setattr("fp8nemo.model.linear.fp8_gemm", kernels.fp8_gemm)
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+        model(
+            torch.tensor([3, 4, 5]), cache=cache, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)
+        )
+        model(torch.tensor([[6]]), cache=cache)
+    assert seen and not any(seen)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size = 512\)"):
+        model(torch.tensor([[3, 512]]))
+    with pytest.raises(ValueError, match="past the cache's 16 slots"):
+        model(torch.zeros(1, 13, dtype=torch.long), cache=cache)
