@@ -159,6 +159,14 @@ except OSError:
 """
 
 
+def torch_path_env() -> dict:
+    """This process's environment without TRITON_INTERPRET: a child process started with it
+    runs CPU tensors on the torch path (and CUDA ones on the compiled kernels)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def peak_rss(body: str, *args: str) -> dict:
     """Run `body` after the prologue above in a subprocess with `args` as sys.argv[1:]; it
     prints one JSON object (using `peak()`), which is returned."""
@@ -170,8 +178,10 @@ def peak_rss(body: str, *args: str) -> dict:
     import fp8nemo
 
     root = os.path.dirname(os.path.dirname(fp8nemo.__file__))  # this fp8nemo, not another
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
+    env = {
+        **torch_path_env(),
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run([sys.executable, "-c", _PEAK + body, *args], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ from checkpoints import (
     static_source,
     write,
 )
+from helpers import torch_path_env
 from safetensors.torch import load_file, save_file
 
 from fp8nemo import fp8
@@ -457,7 +458,7 @@ def test_quantize_refuses_an_fp8_source(tmp_path, gen):
 
 def test_quantize_command(tmp_path, gen):
     src = write(tmp_path / "src", hf_config(), bf16_tensors(gen))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     cmd = [
         sys.executable,
         "-m",

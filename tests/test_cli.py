@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import torch_path_env
 
 from fp8nemo import bench
 
 
 def fp8nemo(*args, **kw):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     return subprocess.run(
         [sys.executable, "-m", "fp8nemo.cli", *args], capture_output=True, text=True, env=env, **kw
     )

@@ -3,11 +3,11 @@ has QGMMA in its SASS (QMMA on sm_89) and nothing spills."""
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import torch_path_env
 
 from fp8nemo.kernels import fp8_gemm as _  # noqa: F401
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @functools.cache
 def inspect_rows(arch: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "fp8nemo.cli", "inspect", "--arch", arch, "--json"],

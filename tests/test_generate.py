@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from helpers import torch_path_env
 
 from fp8nemo.model import load_model
 from fp8nemo.model.generate import Sampling, generate
@@ -135,7 +136,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run_cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch path
+    env = torch_path_env()  # the torch path
     return subprocess.run([sys.executable, "-m", "fp8nemo.cli", "generate", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
 

@@ -19,6 +19,7 @@ from checkpoints import (
     static_source,
     write,
 )
+from helpers import torch_path_env
 from safetensors.torch import load_file, save_file
 
 from fp8nemo import fp8
@@ -64,7 +65,7 @@ def deadline(seconds: int):
 
 
 def cli(*args, timeout=300, preexec_fn=None):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     return subprocess.run([sys.executable, "-m", "fp8nemo.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout,
                           preexec_fn=preexec_fn)  # fmt: skip

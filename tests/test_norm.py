@@ -13,7 +13,6 @@ scales match bit for bit.
 
 import importlib
 import math
-import os
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ from helpers import (
     check_bad_input,
     poisoned,
     randn,
+    torch_path_env,
 )
 
 from fp8nemo import fp8
@@ -381,7 +381,7 @@ print("ok")
 
 def test_torch_path_is_the_reference():
     """Without TRITON_INTERPRET, CPU tensors take the torch path: the reference, exactly."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     proc = subprocess.run([sys.executable, "-c", TORCH_PATH], capture_output=True, text=True,
                           env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

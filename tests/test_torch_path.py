@@ -1,11 +1,11 @@
 """Without TRITON_INTERPRET, CPU tensors take the torch emulation of the FP8 numerics (once
 announced), and it computes exactly what the reference does."""
 
-import os
 import subprocess
 import sys
 
 import torch
+from helpers import torch_path_env
 
 SCRIPT = """
 import logging
@@ -99,7 +99,7 @@ print("torch path ok")
 
 
 def test_cpu_without_the_interpreter_runs_the_torch_emulation(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torch_path_env()
     results = tmp_path / "torch_path.pt"
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(results)],
