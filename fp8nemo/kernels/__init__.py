@@ -2,12 +2,13 @@
 
 from ._triton import value_checks
 from .attention import flash_attention
-from .decode import decode_attention
+from .decode import append_attention, decode_attention
 from .fp8_gemm import fp8_gemm
 from .quantize import quantize_fp8
 from .rope import rope_, rope_cache, rope_kv_cache_
 
 __all__ = [
+    "append_attention",
     "decode_attention",
     "flash_attention",
     "fp8_gemm",
