@@ -87,7 +87,8 @@ ADA_16 = [_config("a", 16, 64, 4, 3), _config("a", 16, 32, 4, 4)]
 ADA_CONFIGS = {
     "decode": ADA_16,
     "append": ADA_16,
-    "append-64": [_config("a", 64, 32, 4, 3), _config("a", 64, 64, 8, 2)],
+    # 8 warps: with 4, ptxas holds these at 168 registers and spills at some T_new.
+    "append-64": [_config("a", 64, 64, 8, 2), _config("a", 64, 32, 8, 3)],
 }
 INTERPRETER_CONFIGS = [_config("i", 64, 128, 4, 1)]
 MAX_ROWS = 64  # the row tile of the "append-64" lists, which the split heuristic counts with
@@ -526,10 +527,10 @@ def append_attention(
 def aot_specs(cap: int):
     """Every config at NeMo's heads (32 q, 8 kv, head_dim 128) for a bf16 and an e4m3 cache, on
     meta tensors: decode over 32k positions at batch 16 (split into chunks) and batch 1 with a
-    sliding window; append of T_new in {1, 4, 16} tokens to a 4k cache at batch 4. The dots
+    sliding window; append of T_new in {1, 4, 16, 33} tokens to a 4k cache at batch 4. The dots
     are bf16: up to 16 rows (decode's 4 query heads of a KV head, padded; appends of 4 tokens)
-    take mma.sync (HMMA), which a memory-bound loop can afford; 64 rows (16 tokens) wgmma
-    (HGMMA) on Hopper."""
+    take mma.sync (HMMA), which a memory-bound loop can afford; 64-row tiles (16 or 33 tokens)
+    wgmma (HGMMA) on Hopper."""
     from ._triton import AotSpec
 
     hopper = cap >= 90
@@ -539,7 +540,8 @@ def aot_specs(cap: int):
         ("decode_attention", 16, 32768, None, None),
         ("decode_attention", 1, 32768, None, 4096),
     ]
-    cases += [("append_attention", 4, 4096, T, None) for T in (1, 4, 16)]
+    # 33: a T_new no power of two divides, which the JIT specializes otherwise
+    cases += [("append_attention", 4, 4096, T, None) for T in (1, 4, 16, 33)]
     for op, B, S_max, T, window in cases:
         rows = (T or 1) * 4
         for config in configs_for((cap // 10, cap % 10), T or 1, 4):
