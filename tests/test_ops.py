@@ -132,6 +132,33 @@ def test_opcheck_decode_attention(fp8_cache, device, gen):
     )
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_opcheck_append_attention(fp8_cache, device, gen):
+    B, T, S, HQ, HK, D = 2, 5, 40, 6, 2, 64
+    q = randn(B, T, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
+    k, v = (randn(B, S, HK, D, gen=gen, device=device) for _ in range(2))
+    lens = torch.tensor([0, 35], dtype=torch.int32, device=device)
+    kwargs, check = {"window": 16}, {}
+    if fp8_cache:
+        k, v = fp8.saturating_cast(k * 20), fp8.saturating_cast(v * 20)
+        kwargs.update(
+            k_descale=torch.full((B, HK), 0.05, device=device),
+            v_descale=torch.full((), 0.05, device=device),
+        )
+        check = {
+            "test_utils": (
+                "test_autograd_registration",
+                "test_faketensor",
+                "test_aot_dispatch_dynamic",
+            )
+        }
+    else:
+        k, v = k.bfloat16(), v.bfloat16()
+    torch.library.opcheck(
+        torch.ops.fp8nemo.append_attention.default, (q, k, v, lens), kwargs, **check
+    )
+
+
 def linear_fp8(x, w_fp8, w_scale, bias):
     # x: [B, S, K] bf16 -> [B, S, N]
     B, S, K = x.shape
@@ -190,6 +217,9 @@ def test_zero_size_inputs_pass_opcheck(device, gen):
     cache = torch.empty(3, 0, 2, 64, dtype=torch.bfloat16, device=device)
     lens = torch.zeros(3, dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.fp8nemo.decode_attention.default, (qd, cache, cache, lens))
+    qa = randn(3, 0, 4, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    cache = torch.empty(3, 8, 2, 64, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.fp8nemo.append_attention.default, (qa, cache, cache, lens))
 
 
 def test_fake_tensors_get_the_overlap_check():

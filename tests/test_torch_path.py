@@ -27,9 +27,9 @@ q, s = quantize_fp8(x, "token")
 out = fp8_gemm(q, s, w, w_s, out_dtype=torch.float32)
 assert torch.equal(out, fp8.scaled_mm(q, s, "token", w, w_s, "channel", out_dtype=torch.float32))
 
-from fp8nemo.kernels import decode_attention, flash_attention, rope_, rope_cache
+from fp8nemo.kernels import append_attention, decode_attention, flash_attention, rope_, rope_cache
 from fp8nemo.kernels.attention import attention_reference
-from fp8nemo.kernels.decode import decode_reference
+from fp8nemo.kernels.decode import append_reference, decode_reference
 from fp8nemo.kernels.rope import rope_reference
 qh, kh = torch.randn(6, 4, 64, generator=g), torch.randn(6, 2, 64, generator=g)
 pos, table = torch.arange(6), rope_cache(64, 16, 1e4)
@@ -41,6 +41,8 @@ assert torch.equal(flash_attention(qa, ka, va), attention_reference(qa, ka, va)[
 cache = torch.randn(2, 12, 2, 64, generator=g).bfloat16()
 lens = torch.tensor([3, 12], dtype=torch.int32)
 assert torch.equal(decode_attention(qa[0, :2], cache, cache, lens), decode_reference(qa[0, :2], cache, cache, lens))
+qn, alens = qa[:, :4].expand(2, 4, 4, 64), torch.tensor([3, 8], dtype=torch.int32)
+assert torch.equal(append_attention(qn, cache, cache, alens, window=3), append_reference(qn, cache, cache, alens, window=3))
 
 import copy
 import sys
@@ -49,7 +51,7 @@ import sys
 # to the test, which runs the same calls through the Triton kernels and compares.
 E4M3 = torch.float8_e4m3fn
 ops = {"quantize_fp8": quantize_fp8, "fp8_gemm": fp8_gemm, "flash_attention": flash_attention,
-       "decode_attention": decode_attention, "rope_": rope_}
+       "decode_attention": decode_attention, "append_attention": append_attention, "rope_": rope_}
 from fp8nemo.kernels import rope_kv_cache_
 ops["rope_kv_cache_"] = rope_kv_cache_
 bf = lambda *shape: torch.randn(*shape, generator=g).bfloat16()
@@ -72,6 +74,8 @@ cases["flash empty sequences"] = ("flash_attention", (bf(9, 4, 64), bf(9, 2, 64)
                                   {"cu_seqlens": cu(0, 0, 5, 5, 9), "max_seqlen": 5, "return_lse": True})
 cases["decode S_max=0"] = ("decode_attention", (bf(3, 4, 64), bf(3, 0, 2, 64), bf(3, 0, 2, 64), torch.zeros(3, dtype=torch.int32)), {})
 cases["decode B=0"] = ("decode_attention", (bf(0, 4, 64), bf(0, 8, 2, 64), bf(0, 8, 2, 64), torch.zeros(0, dtype=torch.int32)), {})
+cases["append T_new=0"] = ("append_attention", (bf(3, 0, 4, 64), bf(3, 8, 2, 64), bf(3, 8, 2, 64), torch.zeros(3, dtype=torch.int32)), {})
+cases["append B=0"] = ("append_attention", (bf(0, 2, 4, 64), bf(0, 8, 2, 64), bf(0, 8, 2, 64), torch.zeros(0, dtype=torch.int32)), {})
 cases["rope T=0"] = ("rope_", (torch.empty(0, 4, 64), torch.empty(0, 2, 64), torch.arange(0), rope_cache(64, 16, 1e4)), {})
 cases["rope_kv_cache_ T=0"] = ("rope_kv_cache_", (torch.empty(0, 4, 64), torch.empty(0, 2, 64), torch.empty(0, 2, 64), torch.arange(0),
                                rope_cache(64, 16, 1e4), bf(1, 4, 2, 64), bf(1, 4, 2, 64), torch.arange(0)), {})
@@ -112,7 +116,7 @@ def test_cpu_without_the_interpreter_runs_the_torch_emulation(tmp_path):
     assert "torch path ok" in proc.stdout
     # One warning per op, not one per call.
     assert proc.stderr.count("quantize_fp8 on CPU runs the torch emulation") == 1, proc.stderr
-    for op in ("fp8_gemm", "rope_", "flash_attention", "decode_attention"):
+    for op in ("fp8_gemm", "rope_", "flash_attention", "decode_attention", "append_attention"):
         assert proc.stderr.count(f"{op} on CPU runs the torch emulation") == 1, proc.stderr
     compare_with_the_kernels(torch.load(results, weights_only=False))
 

@@ -2,7 +2,7 @@
 
 from ._triton import value_checks
 from .attention import flash_attention
-from .decode import decode_attention
+from .decode import append_attention, decode_attention
 from .fp8_gemm import fp8_gemm
 from .norm import rmsnorm_fp8
 from .quantize import quantize_fp8
@@ -10,6 +10,7 @@ from .rope import rope_, rope_cache, rope_kv_cache_
 from .swiglu import silu_mul_fp8
 
 __all__ = [
+    "append_attention",
     "decode_attention",
     "flash_attention",
     "fp8_gemm",

@@ -160,7 +160,8 @@ def _store_exact(
     # non-finite entries (a second MMA) makes NaN exactly where the math has one. BLOCK_N keys
     # and COLS columns at a time with q and k read again: with small tiles it fits beside what
     # the main loop holds (keeping P or a copy of acc there would spill). Slow, but only such
-    # input takes it.
+    # input takes it. Decode passes one split's keys as a sequence of its own, and K and V in
+    # its e4m3 cache widen to q's dtype.
     offs_n = tl.arange(0, BLOCK_N)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     for c in range(0, BLOCK_D, COLS):
@@ -179,15 +180,16 @@ def _store_exact(
                 q = tl.load(q_rows[:, None] + de[None, :], mask=row_ok[:, None] & de_ok, other=0.0)
                 k = tl.load(k_base + kj_off * stride_ks + de[None, :], mask=de_ok & in_seq,
                             other=0.0)  # fmt: skip
-                s += tl.dot(q, tl.trans(k))
+                s += tl.dot(q, tl.trans(k.to(q.dtype)))
             seen = _visible(qi[:, None], kj[None, :], seqlen, window, CAUSAL, WINDOW)
             p = tl.where(seen, tl.math.exp2(s * scale - m_safe[:, None]), 0.0)
             v = tl.load(v_base + kj_off * stride_vs + dc[None, :], mask=dc_ok & in_seq, other=0.0)
             bad = _nonfinite(v)
-            v = tl.where(bad, 0.0, v.to(tl.float32)).to(v.dtype)
             if FP8:
+                v = tl.where(bad, 0.0, v.to(tl.float32)).to(v.dtype)
                 p = (p * P_SCALE).to(tl.float8e4nv)
-            else:
+            else:  # fp16/bf16 P and V; an e4m3 cache under fp16/bf16 queries widens (decode)
+                v = tl.where(bad, 0.0, v.to(tl.float32)).to(q_rows.dtype.element_ty)
                 p = p.to(v.dtype)
             acc += tl.dot(p, v)
             seen_bad += tl.dot(seen.to(tl.float32).to(v.dtype), bad.to(tl.float32).to(v.dtype))
