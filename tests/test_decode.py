@@ -367,8 +367,8 @@ def test_append_row_tiles_and_splits(rows_per_tile, num_splits, device, gen):
 
 @pytest.mark.parametrize("window", [None, 40])
 def test_append_many_tokens(window, device, gen):
-    """T_new = 128 (a prefill chunk): two 64-row tiles per KV head for G = 1, sixteen for G = 8
-    with 32-row tiles."""
+    """T_new = 128 (a prefill chunk): two 64-row tiles per KV head for G = 1, thirty-two
+    32-row tiles for G = 8."""
     q, k, v, _, lens = make_append([0, 61], 128, 2, 2, 64, torch.bfloat16, gen, device)
     check(q, k, v, lens, 2, window=window)
     q, k, v, scales, lens = make_append([9], 128, 8, 1, 64, E4M3, gen, device)
