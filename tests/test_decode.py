@@ -316,8 +316,10 @@ def test_append(kind, G, T, D, window, device, gen):
 def test_append_t1_is_decode_bit_for_bit(kind, window, device, gen):
     q_dtype, cache_dtype = APPEND_DTYPES[kind]
     q, k, v, scales, lens = make_append(
-        [0, 7, 300], 1, 8, 2, 128, cache_dtype, gen, device, q_dtype
+        [0, 7, 600], 1, 8, 2, 128, cache_dtype, gen, device, q_dtype
     )
+    splits = Dm.num_splits_for(3 * 2, k.shape[1], num_sms(q.device))
+    assert splits > 1, "the public op splits this cache (and combines)"
     out = append_attention(q, k, v, lens, window=window, **scales)
     want = decode_attention(q[:, 0], k, v, lens + 1, window=window, **scales)
     assert out.shape == q.shape and torch.equal(out[:, 0], want)
@@ -365,8 +367,8 @@ def test_append_row_tiles_and_splits(rows_per_tile, num_splits, device, gen):
 
 @pytest.mark.parametrize("window", [None, 40])
 def test_append_many_tokens(window, device, gen):
-    """T_new = 128 (a prefill chunk): two 64-row tiles per KV head for G = 1, sixteen for G = 8
-    with 32-row tiles."""
+    """T_new = 128 (a prefill chunk): two 64-row tiles per KV head for G = 1, thirty-two
+    32-row tiles for G = 8."""
     q, k, v, _, lens = make_append([0, 61], 128, 2, 2, 64, torch.bfloat16, gen, device)
     check(q, k, v, lens, 2, window=window)
     q, k, v, scales, lens = make_append([9], 128, 8, 1, 64, E4M3, gen, device)
