@@ -227,8 +227,9 @@ from fp8nemo.model import load_model
 
 model = load_model(sys.argv[1], backend=sys.argv[2], dtype=torch.bfloat16, progress=False)
 loaded = peak()
-logits = model(torch.tensor([[1, 2, 3]]))  # every weight is really there
-print(json.dumps({"load": loaded, "finite": bool(logits.isfinite().all())}))
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 2, 3]]))  # touches every weight
+print(json.dumps({"load": loaded, "run": peak(), "finite": bool(logits.isfinite().all())}))
 """
 
 # A Mistral-shaped model of 310 MB in bf16: 6 layers of hidden 1024, MLP 4096, 32k vocab.
@@ -247,9 +248,9 @@ def folder_bytes(path) -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
 def test_loading_peaks_within_1_2x_the_checkpoints_bytes(tmp_path):
     """A 310 MB bf16 checkpoint on the reference backend, and its FP8 conversion on the fp8
-    backend, each loaded in a fresh process: the weights are the files' memory maps, never a
-    second copy, so peak RSS above the baseline stays within 1.2x the checkpoint's bytes (a
-    copy per tensor would make it 2x)."""
+    backend, each loaded in a fresh process and run once (which touches every weight): the
+    weights are the files' memory maps, never a second copy, so peak RSS above the baseline
+    stays within 1.2x the checkpoint's bytes (a copy per tensor would make it 2x)."""
     from fp8nemo.model import build_model
     from fp8nemo.quant.convert import quantize_checkpoint
 
@@ -268,4 +269,4 @@ def test_loading_peaks_within_1_2x_the_checkpoints_bytes(tmp_path):
         nbytes = folder_bytes(folder)
         peak = peak_rss(LOAD, str(folder), backend)
         assert peak["finite"]
-        assert peak["load"] < 1.2 * nbytes, (backend, peak, nbytes)
+        assert peak["load"] <= peak["run"] < 1.2 * nbytes, (backend, peak, nbytes)

@@ -179,6 +179,13 @@ def test_quantized_on_load_equals_converted_then_loaded(checkpoints, tmp_path, g
         ), key
     ids = ids_for(gen, 1, 40)
     assert torch.equal(logits_of(a, ids), logits_of(b, ids))
+    # The reference backend reads an FP8 checkpoint as its dequantized self.
+    deq = load_model(
+        str(tmp_path / "fp8"), backend="reference", dtype=torch.float32, progress=False
+    )
+    for name, module in b.named_modules():
+        if hasattr(module, "weight_scale"):
+            assert torch.equal(deq.get_submodule(name).weight, module.dequantize()), name
 
 
 def test_static_activations_from_calibration_through_the_model(checkpoints, tmp_path, gen):

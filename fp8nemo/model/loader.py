@@ -138,6 +138,10 @@ def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, meth
             raise CheckpointError(f"{path}: missing tensor {name} (no shard holds it)")
         used.add(name)
         state[name] = _checked(t, want, name, where, path).to(device=device, dtype=want.dtype)
+        if name not in tensors:  # dequantized FP8 codes: the model holds none of them
+            ckpt.source.release(name)
+        else:
+            _release_if_copied(ckpt, name, t, state[name])
     extra = sorted(
         n for n in set(tensors) | {f"{m}.weight" for m in ckpt.linears}
         if n not in used and not n.endswith(IGNORED)
@@ -174,6 +178,15 @@ def _checked(t: torch.Tensor, want: torch.Tensor, name: str, where: dict, path: 
             f"{where.get(name, path)}: tensor {name} has dtype {t.dtype}, not a float"
         )
     return t
+
+
+def _release_if_copied(ckpt, name: str, source: torch.Tensor, loaded: torch.Tensor) -> None:
+    """The model holds a converted copy of checkpoint tensor `name`, not its view: drop the
+    file pages the copy was read from, so loading never holds the checkpoint twice."""
+    if name in ckpt.source and (
+        loaded.device != source.device or loaded.data_ptr() != source.data_ptr()
+    ):
+        ckpt.source.release(name)
 
 
 def _linear_dequantized(ckpt, module_name: str, name: str):
@@ -217,6 +230,7 @@ def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, metho
             )
         scale = q.weight_scale.float().reshape(module.weight_scale.shape)
         out = {"weight": q.weight.to(device), "weight_scale": scale.to(device)}
+        _release_if_copied(ckpt, name, q.weight, out["weight"])
         if module.scheme.static:
             out["input_scale"] = q.input_scale.float().reshape(1).to(device)
         return out
@@ -234,6 +248,7 @@ def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, metho
             f"(config.json) makes it {list(shape)}"
         )
     wq = calibrate_weight(w.to(device), module.scheme.weights, method)
+    ckpt.source.release(name)
     return {"weight": wq.w_fp8, "weight_scale": wq.scale.reshape(module.weight_scale.shape)}
 
 

@@ -12,9 +12,12 @@ checkpoint folder is ever replaced.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -163,6 +166,25 @@ def _naturals(value, length: int | None = None) -> bool:
     )
 
 
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux: private clean pages are dropped, refilled from the file on access
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    fn = libc.madvise
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+
+
 class TensorSource:
     """The tensors of a (sharded) safetensors checkpoint folder, read on demand.
 
@@ -292,6 +314,17 @@ class TensorSource:
             raw = torch.empty(0, dtype=torch.uint8).set_(data, 0, (end - begin,)).clone()
             return raw.view(dtype).reshape(shape)
         return torch.empty(0, dtype=dtype).set_(data, 0, shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of tensor `name` that this process has read from its memory map (a
+        later read maps them from the file again): for a loader that has converted the tensor
+        into another one and keeps no view of it, so the checkpoint is never held twice. Only
+        whole pages inside the tensor's bytes go; where the OS has no madvise it does nothing."""
+        file, _, _, begin, end = self._entries[name]
+        base = self._maps[file].data_ptr()
+        first, last = -(-(base + begin) // PAGE) * PAGE, (base + end) // PAGE * PAGE
+        if last > first and _MADVISE is not None:
+            _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
     def shard_of(self, name: str) -> str:
         """The shard file name that holds tensor `name`."""
