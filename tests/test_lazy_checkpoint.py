@@ -305,3 +305,17 @@ def test_reading_costs_no_copy_and_touching_one(kind, tmp_path, gen):
     peak = peak_rss(MEMORY, str(tmp_path / "ckpt"))
     assert peak["read"] < nbytes / 16, (peak, nbytes)
     assert peak["touched"] < 1.2 * nbytes, (peak, nbytes)
+
+
+def test_released_pages_come_back_from_the_file(tmp_path, gen):
+    """release() drops a tensor's pages from memory; reading it again maps the file's bytes,
+    and its neighbours (sharing a page at the edges) keep theirs."""
+    tensors = {n: torch.randn(1000, 333, generator=gen).bfloat16() for n in ("a", "b", "c")}
+    save_file(tensors, tmp_path / "model.safetensors")
+    src = TensorSource(str(tmp_path))
+    views = {n: src[n] for n in tensors}
+    for n, t in tensors.items():
+        assert torch.equal(views[n], t)
+    src.release("b")
+    for n, t in tensors.items():
+        assert torch.equal(views[n], t) and torch.equal(src[n], t), n
