@@ -105,12 +105,16 @@ def test_opcheck_flash_attention(fp8_inputs, device, gen):
                           {"cu_seqlens": cu, "max_seqlen": 18, "window": 4})  # fmt: skip
 
 
+@pytest.mark.parametrize("op", ["decode_attention", "append_attention"])
 @pytest.mark.parametrize("fp8_cache", [False, True])
-def test_opcheck_decode_attention(fp8_cache, device, gen):
+def test_opcheck_cached_attention(op, fp8_cache, device, gen):
+    """decode: one token per sequence, q [B, Hq, D], lengths counting it; append: 5 new tokens
+    per sequence, q [B, 5, Hq, D], lengths before them (one an empty cache)."""
     B, S, HQ, HK, D = 2, 40, 8, 2, 64
-    q = randn(B, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
+    new = (5,) if op == "append_attention" else ()
+    q = randn(B, *new, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
     k, v = (randn(B, S, HK, D, gen=gen, device=device) for _ in range(2))
-    lens = torch.tensor([3, 40], dtype=torch.int32, device=device)
+    lens = torch.tensor([0, 35] if new else [3, 40], dtype=torch.int32, device=device)
     kwargs, check = {"window": 16}, {}
     if fp8_cache:
         k, v = fp8.saturating_cast(k * 20), fp8.saturating_cast(v * 20)
@@ -127,36 +131,7 @@ def test_opcheck_decode_attention(fp8_cache, device, gen):
         }
     else:
         k, v = k.bfloat16(), v.bfloat16()
-    torch.library.opcheck(
-        torch.ops.fp8nemo.decode_attention.default, (q, k, v, lens), kwargs, **check
-    )
-
-
-@pytest.mark.parametrize("fp8_cache", [False, True])
-def test_opcheck_append_attention(fp8_cache, device, gen):
-    B, T, S, HQ, HK, D = 2, 5, 40, 6, 2, 64
-    q = randn(B, T, HQ, D, gen=gen, dtype=torch.bfloat16, device=device)
-    k, v = (randn(B, S, HK, D, gen=gen, device=device) for _ in range(2))
-    lens = torch.tensor([0, 35], dtype=torch.int32, device=device)
-    kwargs, check = {"window": 16}, {}
-    if fp8_cache:
-        k, v = fp8.saturating_cast(k * 20), fp8.saturating_cast(v * 20)
-        kwargs.update(
-            k_descale=torch.full((B, HK), 0.05, device=device),
-            v_descale=torch.full((), 0.05, device=device),
-        )
-        check = {
-            "test_utils": (
-                "test_autograd_registration",
-                "test_faketensor",
-                "test_aot_dispatch_dynamic",
-            )
-        }
-    else:
-        k, v = k.bfloat16(), v.bfloat16()
-    torch.library.opcheck(
-        torch.ops.fp8nemo.append_attention.default, (q, k, v, lens), kwargs, **check
-    )
+    torch.library.opcheck(getattr(torch.ops.fp8nemo, op).default, (q, k, v, lens), kwargs, **check)
 
 
 def linear_fp8(x, w_fp8, w_scale, bias):
