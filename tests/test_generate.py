@@ -265,3 +265,13 @@ def test_model_checks_indices_once_and_runs_its_ops_without_value_checks(tiny_fo
         model(torch.tensor([[3, 512]]))
     with pytest.raises(ValueError, match="past the cache's 16 slots"):
         model(torch.zeros(1, 13, dtype=torch.long), cache=cache)
+
+
+def test_warmup_leaves_no_trace(tiny_folder, gen):
+    from fp8nemo.model.generate import warmup
+
+    model = load_model(tiny_folder, backend="reference", dtype=torch.float32, progress=False)
+    prompt = torch.randint(0, 512, (7,), generator=gen).tolist()
+    before = generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).tokens
+    warmup(model, batch_size=2, prompt_len=5)
+    assert generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).tokens == before

@@ -156,7 +156,10 @@ def generate(
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    step = _graph_step(model, cache, B) if cuda_graph else None
+    step = None
+    if cuda_graph:
+        warmup(model, B)
+        step = _graph_step(model, cache, B)
     steps = 0
     t1 = time.perf_counter()
     while True:
@@ -180,11 +183,25 @@ def generate(
     return Generation(out, sum(lengths), prefill_s, decode_s, steps, finished)
 
 
+@torch.inference_mode()
+def warmup(model: Transformer, batch_size: int = 1, prompt_len: int = 16) -> None:
+    """Run a packed prefill and a decode step of this shape once, so the autotuner has picked
+    every kernel's config (on a GPU the first call of a shape tunes; a CUDA graph must not
+    capture that) and the CPU path has said what it is. The cache it fills is thrown away."""
+    cache = model.new_cache(batch_size, prompt_len + 1)
+    ids = torch.zeros(batch_size * prompt_len, dtype=torch.int64, device=model.device)
+    cu = torch.arange(0, (batch_size + 1) * prompt_len, prompt_len, dtype=torch.int32,
+                      device=model.device)  # fmt: skip
+    model(ids, cache=cache, cu_seqlens=cu, max_seqlen=prompt_len, last_only=True)
+    model(ids.view(batch_size, prompt_len)[:, :1], cache=cache)
+    _sync(model.device)
+
+
 def _graph_step(model: Transformer, cache: KVCache, batch_size: int):
     """The decode step captured as a CUDA graph: static ids in, logits out, positions and
-    lengths read from the cache on the device (no host sync inside). Warmed up eagerly first
-    so the autotuner has chosen every config before capture; the warm-up's cache writes are
-    undone by restoring the lengths."""
+    lengths read from the cache on the device (no host sync inside). Run eagerly on a side
+    stream first, as capture needs, with the autotuner's choices made (`warmup`); the
+    warm-up's lengths are restored (its cache writes land where the next step writes)."""
     device = model.device
     static_ids = torch.zeros(batch_size, 1, dtype=torch.int64, device=device)
     saved = cache.seqlens.clone()

@@ -390,8 +390,12 @@ class Transformer(nn.Module):
                 b = torch.arange(B, device=self.device).repeat_interleave(S)
                 slots = b * cache.max_seq_len + positions
                 batch = Batch("append", B, S, positions, self.cos_sin, cache, slots, start=start)
-                if check:
-                    end = int(start.max()) + S
+                if check:  # one host read for the lengths and the ids
+                    lo, hi, longest = torch.stack(
+                        [input_ids.min().long(), input_ids.max().long(), start.max().long()]
+                    ).tolist()
+                    _check_ids(lo, hi, self.config.vocab_size)
+                    end = longest + S
                     if end > min(cache.max_seq_len, self.max_seq_len):
                         raise ValueError(
                             f"cache seqlens + {S} new tokens reach {end}, past the cache's "
@@ -402,13 +406,8 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"input_ids has {S} tokens per sequence; max_seq_len is {self.max_seq_len}"
                 )
-        if check and input_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(input_ids))
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}); got "
-                    f"values in [{lo}, {hi}]"
-                )
+        if check and batch.kind != "append" and input_ids.numel():
+            _check_ids(*(int(v) for v in torch.aminmax(input_ids)), self.config.vocab_size)
         return batch
 
     def _packed(self, input_ids, cache, cu_seqlens, max_seqlen, check) -> Batch:
@@ -464,6 +463,13 @@ class Transformer(nn.Module):
                 )
             slots = seq * cache.max_seq_len + positions
         return Batch("packed", B, max_seqlen, positions, self.cos_sin, cache, slots, cu_seqlens)
+
+
+def _check_ids(lo: int, hi: int, vocab_size: int) -> None:
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size = {vocab_size}); got values in [{lo}, {hi}]"
+        )
 
 
 def _describe(t) -> str:
