@@ -18,7 +18,7 @@ from fp8nemo.utils import progress as show_progress
 from .cache import CACHE_DTYPES
 from .config import PRESETS, ModelConfig, preset
 from .linear import FP8Linear, FP8Scheme
-from .transformer import Transformer, build_model
+from .transformer import RMSNorm, Transformer, build_model
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,22 @@ def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, meth
     where = _sources(path, ckpt)
     state = {}
     expected = model.state_dict(keep_vars=True)
-    used = set()
     names = [n for n in expected if not n.endswith(DERIVED)]
     if config.tie_word_embeddings:
-        names.remove("lm_head.weight")
-        used.add("lm_head.weight")  # tied checkpoints may store it; it is embed_tokens' then
+        names.remove("lm_head.weight")  # embed_tokens' (a tied checkpoint may store it too)
+    # Every tensor the model reads, named before any is: a missing or extra one fails fast.
+    needed = {n for n in names if not n.endswith(("weight_scale", "input_scale", "k_scale",
+                                                  "v_scale"))}  # fmt: skip
+    have = set(tensors) | {f"{m}.weight" for m in ckpt.linears}
+    missing = sorted(needed - have)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]} (no shard holds it)")
+    extra = sorted(n for n in have - needed - {"lm_head.weight"} if not n.endswith(IGNORED))
+    if extra:
+        raise CheckpointError(
+            f"{where.get(extra[0], path)}: tensor {extra[0]} is not part of a "
+            f"{config.model_type} model of this config ({len(extra)} such tensors)"
+        )
     for name in show_progress(names, f"loading {os.path.basename(os.path.normpath(path))}",
                               "tensor", enabled=progress):  # fmt: skip
         want = expected[name]
@@ -127,30 +138,18 @@ def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, meth
             continue
         module = model.get_submodule(module_name)
         if isinstance(module, FP8Linear):
-            values = _fp8_linear(path, ckpt, where, module_name, module, device, method, used)
+            values = _fp8_linear(path, ckpt, where, module_name, module, device, method)
             state.update({f"{module_name}.{k}": v for k, v in values.items()})
             continue
         if leaf in ("k_scale", "v_scale"):
             state[name] = _kv_scale(ckpt, module_name, leaf, device)
             continue
-        t = _linear_dequantized(ckpt, module_name, name) if name not in tensors else tensors[name]
-        if t is None:
-            raise CheckpointError(f"{path}: missing tensor {name} (no shard holds it)")
-        used.add(name)
+        t = tensors[name] if name in tensors else _linear_dequantized(ckpt, module_name)
         state[name] = _checked(t, want, name, where, path).to(device=device, dtype=want.dtype)
         if name not in tensors:  # dequantized FP8 codes: the model holds none of them
             ckpt.source.release(name)
         else:
             _release_if_copied(ckpt, name, t, state[name])
-    extra = sorted(
-        n for n in set(tensors) | {f"{m}.weight" for m in ckpt.linears}
-        if n not in used and not n.endswith(IGNORED)
-    )  # fmt: skip
-    if extra:
-        raise CheckpointError(
-            f"{where.get(extra[0], path)}: tensor {extra[0]} is not part of a "
-            f"{config.model_type} model of this config ({len(extra)} such tensors)"
-        )
     for name in (n for n in expected if n.endswith(DERIVED)):
         state[name] = torch.ones(1, device=device)
     if config.tie_word_embeddings:
@@ -189,12 +188,9 @@ def _release_if_copied(ckpt, name: str, source: torch.Tensor, loaded: torch.Tens
         ckpt.source.release(name)
 
 
-def _linear_dequantized(ckpt, module_name: str, name: str):
+def _linear_dequantized(ckpt, module_name: str) -> torch.Tensor:
     """An FP8 checkpoint's weight for the reference backend: dequantized."""
-    q = ckpt.linears.get(module_name)
-    if q is None or not name.endswith(".weight"):
-        return None
-    return q.dequantize()
+    return ckpt.linears[module_name].dequantize()
 
 
 def _kv_scale(ckpt, attn: str, leaf: str, device) -> torch.Tensor:
@@ -210,13 +206,12 @@ def _kv_scale(ckpt, attn: str, leaf: str, device) -> torch.Tensor:
     return scales[leaf].float().reshape(1).to(device)
 
 
-def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, method, used) -> dict:
+def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, method) -> dict:
     """weight, weight_scale (and input_scale) of one FP8Linear: the checkpoint's own, or its
     16-bit weight quantized here with calibrate_weight (as `fp8nemo quantize` does)."""
     name = f"{module_name}.weight"
     shape = (module.out_features, module.in_features)
     q = ckpt.linears.get(module_name)
-    used.add(name)
     if q is not None:
         if tuple(q.weight.shape) != shape:
             raise CheckpointError(
@@ -234,9 +229,7 @@ def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, metho
         if module.scheme.static:
             out["input_scale"] = q.input_scale.float().reshape(1).to(device)
         return out
-    w = ckpt.tensors.get(name)
-    if w is None:
-        raise CheckpointError(f"{path}: missing tensor {name} (no shard holds it)")
+    w = ckpt.tensors[name]
     if module.scheme.static:
         raise CheckpointError(
             f"{where.get(name, path)}: {name} is 16-bit in a checkpoint with static activations: "
@@ -276,6 +269,6 @@ def _random_model(config, backend, dtype, device, scheme, kv_cache_dtype, max_se
                 if name == "lm_head" and config.tie_word_embeddings:
                     continue
                 module.weight.normal_(0.0, 0.02, generator=gen)
-            elif hasattr(module, "eps"):  # RMSNorm
+            elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
     return model
