@@ -275,3 +275,13 @@ def test_warmup_leaves_no_trace(tiny_folder, gen):
     before = generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).tokens
     warmup(model, batch_size=2, prompt_len=5)
     assert generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).tokens == before
+
+
+def test_a_smaller_batch_moves_only_its_own_cache_rows(tiny_folder):
+    model = load_model(tiny_folder, backend="reference", dtype=torch.float32, progress=False)
+    cache = model.new_cache(3, 16)
+    cu = torch.tensor([0, 4, 6, 7], dtype=torch.int32)
+    model(torch.arange(7), cache=cache, cu_seqlens=cu)
+    assert cache.seqlens.tolist() == [4, 2, 1]
+    model(torch.tensor([[8], [9]]), cache=cache)  # the first two sequences step on
+    assert cache.seqlens.tolist() == [5, 3, 1]

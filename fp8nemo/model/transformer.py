@@ -303,15 +303,13 @@ class Transformer(nn.Module):
         """Static activations: each fused quantization uses the largest input_scale of the
         linears that read its output (vLLM does the same for its fused q/k/v and gate/up)."""
         for block in self.model.layers:
+            attn, mlp = block.self_attn, block.mlp
             for norm, readers in (
-                (block.input_layernorm, ("q_proj", "k_proj", "v_proj")),
-                (block.post_attention_layernorm, ("gate_proj", "up_proj")),
+                (block.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                (block.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
             ):
-                if getattr(norm, "input_scale", None) is None:
-                    continue
-                owner = block.self_attn if readers[0] == "q_proj" else block.mlp
-                scales = [getattr(owner, r).input_scale for r in readers]
-                norm.input_scale.copy_(torch.stack(scales).amax(0))
+                if getattr(norm, "input_scale", None) is not None:
+                    norm.input_scale.copy_(torch.stack([r.input_scale for r in readers]).amax(0))
 
     @property
     def device(self) -> torch.device:
@@ -355,7 +353,7 @@ class Transformer(nn.Module):
                 B = batch.batch_size
                 cache.seqlens[:B] = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(torch.int32)
             else:
-                cache.seqlens += batch.seq_len
+                cache.seqlens[: batch.batch_size] += batch.seq_len
         if batch.kind != "packed" and not last_only:
             logits = logits.view(batch.batch_size, batch.seq_len, -1)
         return logits
