@@ -277,11 +277,19 @@ def test_warmup_leaves_no_trace(tiny_folder, gen):
     assert generate(model, [prompt], max_new_tokens=4, stop_tokens=[]).tokens == before
 
 
-def test_a_smaller_batch_moves_only_its_own_cache_rows(tiny_folder):
-    model = load_model(tiny_folder, backend="reference", dtype=torch.float32, progress=False)
-    cache = model.new_cache(3, 16)
-    cu = torch.tensor([0, 4, 6, 7], dtype=torch.int32)
-    model(torch.arange(7), cache=cache, cu_seqlens=cu)
-    assert cache.seqlens.tolist() == [4, 2, 1]
-    model(torch.tensor([[8], [9]]), cache=cache)  # the first two sequences step on
-    assert cache.seqlens.tolist() == [5, 3, 1]
+@pytest.mark.parametrize("backend", ["reference", "fp8"])
+def test_a_smaller_batch_moves_only_its_own_cache_rows(tiny_folder, backend):
+    """A step of the first two of three cached sequences reads and grows only theirs, and
+    gives what a cache of just those two gives."""
+    model = load_model(tiny_folder, backend=backend, progress=False)
+    three, two = model.new_cache(3, 16), model.new_cache(2, 16)
+    with torch.no_grad():
+        model(
+            torch.arange(7), cache=three, cu_seqlens=torch.tensor([0, 4, 6, 7], dtype=torch.int32)
+        )
+        model(torch.arange(6), cache=two, cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32))
+        assert three.seqlens.tolist() == [4, 2, 1]
+        step = torch.tensor([[8], [9]])
+        a, b = model(step, cache=three), model(step, cache=two)
+    assert three.seqlens.tolist() == [5, 3, 1] and two.seqlens.tolist() == [5, 3]
+    assert torch.equal(a, b)

@@ -176,8 +176,8 @@ class Attention(nn.Module):
         B, S = batch.batch_size, batch.seq_len
         if batch.kind == "append":
             # S new queries per sequence at positions start + t, over the whole cache.
-            out = self._sdpa(q.view(B, S, *q.shape[1:]), cache.k[self.layer],
-                             cache.v[self.layer], batch.positions.view(B, S))  # fmt: skip
+            out = self._sdpa(q.view(B, S, *q.shape[1:]), cache.k[self.layer, :B],
+                             cache.v[self.layer, :B], batch.positions.view(B, S))  # fmt: skip
             return out.reshape(q.shape)
         if batch.kind == "packed":
             bounds = batch.cu_seqlens.tolist()
@@ -227,7 +227,8 @@ class FP8Attention(Attention):
                              batch.slots, k_scale=self.k_scale, v_scale=self.v_scale)  # fmt: skip
         if batch.kind == "append":
             out = K.append_attention(
-                q.view(B, S, *q.shape[1:]), k_cache, v_cache, batch.start, window=self.window,
+                q.view(B, S, *q.shape[1:]), k_cache[:B], v_cache[:B], batch.start,
+                window=self.window,
                 k_descale=self.k_scale, v_descale=self.v_scale,
             )  # fmt: skip
         elif batch.kind == "packed":
