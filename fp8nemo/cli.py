@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,14 +26,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds; got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0; got {text}")
-    return value
+def _float_arg(kind: str, allowed: str, ok):
+    """An argparse type: a float for which `ok(value)` holds, else "must be <kind|allowed>"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind}; got {text!r}") from None
+        if not ok(value):  # NaN fails every comparison: refused too
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text}")
+        return value
+
+    return parse
+
+
+_seconds = _float_arg(
+    "a number of seconds", "a finite number of seconds >= 0", lambda v: 0 <= v < math.inf
+)
+_temperature = _float_arg("a number >= 0", "a finite number >= 0", lambda v: 0 <= v < math.inf)
+_unit_interval = _float_arg("a number in (0, 1]", "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _error(message: str) -> int:
@@ -154,26 +167,6 @@ def _quantize(args) -> int:
         + f" in {time.perf_counter() - start:.0f}s -> {args.dst} ({args.format})"
     )
     return 0
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
-    return value
 
 
 def _generate(args) -> int:

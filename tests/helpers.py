@@ -167,6 +167,18 @@ def torch_path_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def run_on_torch_path(code: str) -> str:
+    """Run `code` in a fresh interpreter on the torch path (see torch_path_env); its stdout,
+    after asserting it exited cleanly."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=torch_path_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def peak_rss(body: str, *args: str) -> dict:
     """Run `body` after the prologue above in a subprocess with `args` as sys.argv[1:]; it
     prints one JSON object (using `peak()`), which is returned."""

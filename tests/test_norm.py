@@ -13,8 +13,6 @@ scales match bit for bit.
 
 import importlib
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from helpers import (
     check_bad_input,
     poisoned,
     randn,
-    torch_path_env,
+    run_on_torch_path,
 )
 
 from fp8nemo import fp8
@@ -381,7 +379,4 @@ print("ok")
 
 def test_torch_path_is_the_reference():
     """Without TRITON_INTERPRET, CPU tensors take the torch path: the reference, exactly."""
-    env = torch_path_env()
-    proc = subprocess.run([sys.executable, "-c", TORCH_PATH], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert run_on_torch_path(TORCH_PATH) == "ok"

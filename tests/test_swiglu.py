@@ -12,8 +12,6 @@ boundary (helpers.assert_quantized_like).
 """
 
 import importlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from helpers import (
     check_bad_input,
     poisoned,
     randn,
-    torch_path_env,
+    run_on_torch_path,
 )
 
 from fp8nemo import fp8
@@ -320,7 +318,4 @@ print("ok")
 
 def test_torch_path_is_the_reference():
     """Without TRITON_INTERPRET, CPU tensors take the torch path: the reference, exactly."""
-    env = torch_path_env()
-    proc = subprocess.run([sys.executable, "-c", TORCH_PATH], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert run_on_torch_path(TORCH_PATH) == "ok"

@@ -144,7 +144,8 @@ def _checkpoint_model(path, backend, dtype, device, scheme, kv_cache_dtype, meth
         if leaf in ("k_scale", "v_scale"):
             state[name] = _kv_scale(ckpt, module_name, leaf, device)
             continue
-        t = tensors[name] if name in tensors else _linear_dequantized(ckpt, module_name)
+        # An FP8 checkpoint's weight on the reference backend: dequantized.
+        t = tensors[name] if name in tensors else ckpt.linears[module_name].dequantize()
         state[name] = _checked(t, want, name, where, path).to(device=device, dtype=want.dtype)
         if name not in tensors:  # dequantized FP8 codes: the model holds none of them
             ckpt.source.release(name)
@@ -166,12 +167,16 @@ def _sources(path: str, ckpt) -> dict[str, str]:
     return {n: os.path.join(path, ckpt.source.shard_of(n)) for n in ckpt.source}
 
 
-def _checked(t: torch.Tensor, want: torch.Tensor, name: str, where: dict, path: str):
-    if tuple(t.shape) != tuple(want.shape):
+def _check_shape(t: torch.Tensor, shape, name: str, where: dict, path: str) -> None:
+    if tuple(t.shape) != tuple(shape):
         raise CheckpointError(
             f"{where.get(name, path)}: tensor {name} has shape {list(t.shape)}; the config "
-            f"(config.json) makes it {list(want.shape)}"
+            f"(config.json) makes it {list(shape)}"
         )
+
+
+def _checked(t: torch.Tensor, want: torch.Tensor, name: str, where: dict, path: str):
+    _check_shape(t, want.shape, name, where, path)
     if not t.is_floating_point():
         raise CheckpointError(
             f"{where.get(name, path)}: tensor {name} has dtype {t.dtype}, not a float"
@@ -186,11 +191,6 @@ def _release_if_copied(ckpt, name: str, source: torch.Tensor, loaded: torch.Tens
         loaded.device != source.device or loaded.data_ptr() != source.data_ptr()
     ):
         ckpt.source.release(name)
-
-
-def _linear_dequantized(ckpt, module_name: str) -> torch.Tensor:
-    """An FP8 checkpoint's weight for the reference backend: dequantized."""
-    return ckpt.linears[module_name].dequantize()
 
 
 def _kv_scale(ckpt, attn: str, leaf: str, device) -> torch.Tensor:
@@ -213,11 +213,7 @@ def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, metho
     shape = (module.out_features, module.in_features)
     q = ckpt.linears.get(module_name)
     if q is not None:
-        if tuple(q.weight.shape) != shape:
-            raise CheckpointError(
-                f"{where.get(name, path)}: tensor {name} has shape {list(q.weight.shape)}; the "
-                f"config (config.json) makes it {list(shape)}"
-            )
+        _check_shape(q.weight, shape, name, where, path)
         if q.granularity != module.scheme.weights:
             raise CheckpointError(
                 f"{where.get(name, path)}: {module_name} has {q.granularity} weight scales; the "
@@ -235,11 +231,7 @@ def _fp8_linear(path, ckpt, where, module_name, module: FP8Linear, device, metho
             f"{where.get(name, path)}: {name} is 16-bit in a checkpoint with static activations: "
             f"it has no input_scale"
         )
-    if tuple(w.shape) != shape:
-        raise CheckpointError(
-            f"{where.get(name, path)}: tensor {name} has shape {list(w.shape)}; the config "
-            f"(config.json) makes it {list(shape)}"
-        )
+    _check_shape(w, shape, name, where, path)
     wq = calibrate_weight(w.to(device), module.scheme.weights, method)
     ckpt.source.release(name)
     return {"weight": wq.w_fp8, "weight_scale": wq.scale.reshape(module.weight_scale.shape)}
