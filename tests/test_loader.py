@@ -227,9 +227,12 @@ from fp8nemo.model import load_model
 
 model = load_model(sys.argv[1], backend=sys.argv[2], dtype=torch.bfloat16, progress=False)
 loaded = peak()
-with torch.no_grad():
-    logits = model(torch.tensor([[1, 2, 3]]))  # touches every weight
-print(json.dumps({"load": loaded, "run": peak(), "finite": bool(logits.isfinite().all())}))
+for t in [*model.parameters(), *model.buffers()]:
+    t.view(torch.uint8).max()  # reads every byte of every weight, allocates nothing
+touched = peak()
+with torch.no_grad():  # and the weights are really the model's (the forward's own
+    logits = model(torch.tensor([[1, 2, 3]]))  # temporaries are not loading's: not measured)
+print(json.dumps({"load": loaded, "run": touched, "finite": bool(logits.isfinite().all())}))
 """
 
 # A Mistral-shaped model of 310 MB in bf16: 6 layers of hidden 1024, MLP 4096, 32k vocab.
@@ -248,15 +251,18 @@ def folder_bytes(path) -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
 def test_loading_peaks_within_1_2x_the_checkpoints_bytes(tmp_path):
     """A 310 MB bf16 checkpoint on the reference backend, and its FP8 conversion on the fp8
-    backend, each loaded in a fresh process and run once (which touches every weight): the
+    backend, each loaded in a fresh process with every byte of every weight then read: the
     weights are the files' memory maps, never a second copy, so peak RSS above the baseline
-    stays within 1.2x the checkpoint's bytes (a copy per tensor would make it 2x)."""
+    stays within 1.2x the checkpoint's bytes (a copy per tensor would make it 2x). A forward
+    afterwards shows the weights are the model's. (Quantizing on load adds calibrate_weight's
+    temporaries, unbounded until issue 12: not asserted here.)"""
     from fp8nemo.model import build_model
     from fp8nemo.quant.convert import quantize_checkpoint
 
     model = build_model(ModelConfig.from_hf(BIG), "reference", dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
-        p.data.normal_(0.0, 0.02)
+        p.data.normal_(0.0, 0.02, generator=gen)
     src = tmp_path / "bf16"
     os.makedirs(src)
     (src / "config.json").write_text(json.dumps(BIG))
