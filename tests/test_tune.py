@@ -1,5 +1,5 @@
 """Tuned configs persist in a JSON file per GPU and versions, so that a second process reads
-them instead of re-tuning. The CPU cannot time kernels: these tests
+them instead of re-tuning; `fp8nemo tune` fills it. The CPU cannot time kernels: these tests
 replace the timing function and say that timing is possible, as on a GPU."""
 
 import errno
@@ -267,6 +267,119 @@ def test_a_write_merges_what_another_process_wrote_meanwhile(timed):
         "op": {KEY_TEXT: "fast", "cpu, 8": "fast"},
         "other": {"cpu, 4": "mid"},
     }
+
+
+@pytest.fixture
+def model_tuning(timed, monkeypatch):
+    """The real launchers with empty tuners, "timed" as on a GPU of 132 SMs (where split-K
+    configs stay candidates beside the plain ones), each timing faster than the one before (so
+    the last candidate wins, not the first): (the ops' tuners, the fp8_gemm module, the timings)."""
+    gemm, attention, decode = (
+        importlib.import_module(f"fp8nemo.kernels.{m}") for m in ("fp8_gemm", "attention", "decode")
+    )
+    tuners = [gemm._tuner, attention._tuner, *decode._tuners.values()]
+    for t in tuners:  # earlier tests' untimed picks
+        monkeypatch.setattr(t, "cache", {})
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 132)
+    ticks = []
+
+    def bench(fn):
+        ticks.append(1)
+        return 1.0 / len(ticks)
+
+    monkeypatch.setattr(_triton, "bench", bench)
+    return tuners, gemm, ticks
+
+
+def test_tune_model_records_every_shape_of_a_model_and_reads_them_back(model_tuning, monkeypatch):
+    """The tiny preset's prefill and decode through the driver, on the interpreter."""
+    from fp8nemo.model import load_model
+    from fp8nemo.tune import tune_model
+
+    tuners, gemm, ticks = model_tuning
+    model = load_model("tiny", backend="fp8", progress=False, max_seq_len=33)
+    first = tune_model(model, [2], [32])
+    gemms = [d for d in first if d.op == "fp8_gemm"]
+    # prefill M = 2 * 32 = 64 and decode M = 2, over the tiny model's 3 GEMM shapes
+    assert sorted(int(d.key.split(", ")[5]) for d in gemms) == [2, 2, 2, 64, 64, 64]
+    for d in gemms:
+        m, n, k = (int(x) for x in d.key.split(", ")[5:])
+        names = [c.name for c in gemm.prune_configs(gemm.configs_for((0, 0)), m, n, k, False, 132)]
+        if len(names) > 1:  # the fastest: the last candidate timed, not the first
+            assert (d.source, d.config) == ("tuned", names[-1]) and names[-1] != names[0]
+        else:
+            assert (d.source, d.config) == ("single", names[0])
+    tuned = {d.key: d.config for d in gemms if d.source == "tuned"}
+    assert len(tuned) >= 2 and len(ticks) >= 2 * len(tuned)
+    assert {d.source for d in first if d.op != "fp8_gemm"} == {"single"}
+    assert read(_triton.tuning_path(CPU))["configs"] == {"fp8_gemm": tuned}
+
+    for t in tuners:  # a new process, in effect
+        monkeypatch.setattr(t, "cache", {})
+    ticks.clear()
+    again = tune_model(model, [2], [32])
+    assert ticks == []
+    assert [(d.op, d.key, d.config) for d in again] == [(d.op, d.key, d.config) for d in first]
+    assert [d.source for d in again] == [
+        "cached" if d.source == "tuned" else d.source for d in first
+    ]
+
+
+def test_tune_prints_each_choice_and_the_file(model_tuning, monkeypatch, capsys):
+    """`fp8nemo tune` in-process, told that this CPU can be timed: the table and the file."""
+    from fp8nemo import cli, tune
+
+    monkeypatch.setattr(tune, "untunable", lambda device: None)
+    argv = ["tune", "tiny", "--batch-size", "2", "--prompt-len", "32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["op", "key", "config", "source"]
+    path = _triton.tuning_path(CPU)
+    stored = read(path)["configs"]["fp8_gemm"]
+    rows = [line for line in lines[1:] if line.startswith("fp8_gemm ")]
+    tuned = [r for r in rows if r.endswith(" tuned")]
+    assert len(rows) == 6 and len(tuned) == len(stored) >= 2
+    for key, config in stored.items():
+        assert any(key in r and f" {config} " in r for r in tuned)
+    assert lines[-1].startswith(f"{len(stored)} tuned now, 0 already cached")
+    assert lines[-1].endswith(f"-> {path}")
+
+
+def fp8nemo_cli(*args, **extra_env):
+    env = {k: v for k, v in torch_path_env().items() if k != "FP8NEMO_AUTOTUNE"}
+    env.update(CUDA_VISIBLE_DEVICES="", **extra_env)  # no GPU, even on a GPU machine
+    return subprocess.run([sys.executable, "-m", "fp8nemo.cli", *args], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+
+
+def test_tune_without_a_gpu_says_so_and_exits_2():
+    proc = fp8nemo_cli("tune", "tiny")
+    assert proc.returncode == 2
+    assert "tuning needs a CUDA GPU" in proc.stderr and "timed" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_tune_with_autotune_off_says_so_and_exits_2():
+    proc = fp8nemo_cli("tune", "tiny", FP8NEMO_AUTOTUNE="0")
+    assert proc.returncode == 2 and "FP8NEMO_AUTOTUNE=0" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["tune"], "model"),
+        (["tune", "tiny", "--batch-size", "0"], "--batch-size"),
+        (["tune", "tiny", "--prompt-len", "many"], "--prompt-len"),
+        (["tune", "tiny", "--kv-cache", "int4"], "--kv-cache"),
+        (["tune", "tiny", "--scheme", "row"], "--scheme"),
+        (["tune", "tiny", "--dtype", "fp32"], "--dtype"),
+        (["tune", "no-such-model"], "MODEL no-such-model"),
+    ],
+)
+def test_tune_bad_arguments_exit_2_naming_them(args, named):
+    proc = fp8nemo_cli(*args)
+    assert proc.returncode == 2
+    assert named in proc.stderr
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times real kernels on a GPU")
