@@ -269,6 +269,11 @@ def test_a_write_merges_what_another_process_wrote_meanwhile(timed):
     }
 
 
+# The tiny model's kernels on the CPU: through the interpreter (a CUDA run's CPU takes the torch
+# path, which tunes nothing).
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="runs kernels in the interpreter")
+
+
 @pytest.fixture
 def model_tuning(timed, monkeypatch):
     """The real launchers with empty tuners, "timed" as on a GPU of 132 SMs (where split-K
@@ -291,6 +296,7 @@ def model_tuning(timed, monkeypatch):
     return tuners, gemm, ticks
 
 
+@interpreter_only
 def test_tune_model_records_every_shape_of_a_model_and_reads_them_back(model_tuning, monkeypatch):
     """The tiny preset's prefill and decode through the driver, on the interpreter."""
     from fp8nemo.model import load_model
@@ -325,6 +331,7 @@ def test_tune_model_records_every_shape_of_a_model_and_reads_them_back(model_tun
     ]
 
 
+@interpreter_only
 def test_tune_prints_each_choice_and_the_file(model_tuning, monkeypatch, capsys):
     """`fp8nemo tune` in-process, told that this CPU can be timed: the table and the file."""
     from fp8nemo import cli, tune
