@@ -192,6 +192,7 @@ def generate(
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    step = None  # one new token is the prefill's: no step to compile or capture
     if max_new_tokens > 1:
         step = _decode_step(model, cache, B, compile=compile, cuda_graph=cuda_graph)
     steps = 0
@@ -220,8 +221,9 @@ def generate(
 @torch.inference_mode()
 def warmup(model: Transformer, batch_size: int = 1, prompt_len: int = 16) -> None:
     """Run a packed prefill and a decode step of this shape once, so the autotuner has picked
-    every kernel's config (on a GPU the first call of a shape tunes; a CUDA graph must not
-    capture that) and the CPU path has said what it is. The cache it fills is thrown away."""
+    the kernels' configs (on a GPU the first call of a shape tunes) and the CPU path has said
+    what it is, before something is timed. The cache it fills is thrown away. (generate's
+    compiled and captured steps warm up on their own cache: attention tunes per cache length.)"""
     cache = model.new_cache(batch_size, prompt_len + 1)
     ids = torch.zeros(batch_size * prompt_len, dtype=torch.int64, device=model.device)
     cu = torch.arange(0, (batch_size + 1) * prompt_len, prompt_len, dtype=torch.int32,
