@@ -203,6 +203,7 @@ def _generate(args) -> int:
             model, prompts, max_new_tokens=args.max_new_tokens,
             sampling=Sampling(args.temperature, args.top_k or 0, args.top_p), seed=args.seed,
             stream=stream if len(prompts) == 1 else None, cuda_graph=args.cuda_graph,
+            compile=args.compile,
         )  # fmt: skip
     except ValueError as err:
         return _error(str(err))
@@ -345,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat_template")
     p.add_argument("--device", help="default: cuda if present")
     p.add_argument("--cuda-graph", action="store_true", help="replay decode as a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("inspect", help="compile every kernel config ahead of time; report codegen")

@@ -84,6 +84,8 @@ BAD = [
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int"),
     (dict(max_new_tokens=5000), ValueError, "past the model's max_seq_len 4096"),
     (dict(cuda_graph=True), ValueError, "cuda_graph needs a CUDA model"),
+    (dict(compile=1), TypeError, "compile must be a bool or a torch.compile backend's name"),
+    (dict(compile="no-such-backend"), ValueError, "compile: Invalid backend: 'no-such-backend'"),
 ]
 
 

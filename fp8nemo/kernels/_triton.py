@@ -457,6 +457,12 @@ def value_checks(enabled: bool):
     their memory accesses in bounds themselves."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a ContextVar, and a switch set inside a graph would not be set
+        # when the graph runs: checks are off while tracing, and the caller of a compiled
+        # graph turns them off around it.
+        yield
+        return
     token = _VALUE_CHECKS.set(enabled)
     try:
         yield
@@ -465,8 +471,12 @@ def value_checks(enabled: bool):
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
-    """Whether to read `t`'s values on the host for checks: not for meta/fake tensors, not while
-    a CUDA graph captures, and not inside `value_checks(False)`."""
+    """Whether to read `t`'s values on the host for checks: not while torch.compile traces
+    (a host read would break the graph; the compiled graph's ops still check when it runs,
+    unless it runs inside `value_checks(False)`), not for meta/fake tensors, not while a CUDA
+    graph captures, and not inside `value_checks(False)`."""
+    if torch.compiler.is_compiling():
+        return False
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -1,9 +1,12 @@
 """Generation: one packed prefill of every prompt (through `cu_seqlens`), then decode steps
-over the KV cache; greedy, temperature, top-k and top-p sampling, stop tokens, streaming. On a
-GPU the decode step can run as a captured CUDA graph."""
+over the KV cache; greedy, temperature, top-k and top-p sampling, stop tokens, streaming. The
+decode step can run through torch.compile (CPU or GPU) and, on a GPU, as a captured CUDA
+graph."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,8 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fp8nemo.kernels import value_checks
+
 from .cache import KVCache
 from .transformer import Transformer
+
+# Graphs torch.compile may keep for the decode step (one per model structure, batch size and
+# cache length) before dynamo refuses to compile more; its default, 8, is soon reached by a
+# process that serves several batch sizes.
+MAX_COMPILED_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -112,11 +122,25 @@ def generate(
     seed: int | None = None,
     stream: Callable[[int, int], None] | None = None,
     cuda_graph: bool = False,
+    compile: bool | str = False,
 ) -> Generation:
     """Continue each prompt (a list of token ids; several of different lengths at once) by up
     to `max_new_tokens`, stopping a sequence at any of `stop_tokens` (default: the config's
     eos ids). `stream(i, token)` sees each new token of prompt i as soon as it exists.
-    `cuda_graph` replays the decode step as a captured CUDA graph (CUDA only)."""
+
+    `compile` runs the decode step through `torch.compile(fullgraph=True, dynamic=False)`, on
+    either backend, CPU or GPU: True with inductor, or a string naming another torch.compile
+    backend ("aot_eager" traces without generating code). Positions and lengths are tensors on
+    the device, so one graph serves every step; the cache is rounded up to a power-of-two
+    length, so later calls with the same batch size mostly reuse it. `cuda_graph` replays the
+    decode step (the compiled one, with `compile`) as a captured CUDA graph (CUDA only). Either
+    warms the step up before the decode timing starts: compile time is not decode time.
+
+    Not torch.compile's mode="reduce-overhead" for the graph: its CUDA graphs are skipped for
+    a graph that mutates its inputs unless they are marked static, and the KV cache and its
+    lengths are written in place every step. One hand-made graph, captured after a warm-up on
+    a side stream, serves the eager and the compiled step alike (as vLLM captures compiled
+    graphs)."""
     config = model.config
     prompts = _check_prompts(prompts, config.vocab_size)
     if (
@@ -130,6 +154,15 @@ def generate(
     device = model.device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA model; this one is on {device}")
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(
+            f"compile must be a bool or a torch.compile backend's name; got {compile!r}"
+        )
+    if compile:
+        try:
+            _compiled_forward(_backend_name(compile))
+        except torch._dynamo.exc.InvalidBackend as err:
+            raise ValueError(f"compile: {err}") from None
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     B = len(prompts)
@@ -140,7 +173,10 @@ def generate(
             f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) is "
             f"{longest}, past the model's max_seq_len {model.max_seq_len}"
         )
-    cache = model.new_cache(B, longest)
+    cache_len = longest
+    if compile:  # one graph per power-of-two cache length, not per prompt length
+        cache_len = min(1 << (longest - 1).bit_length(), model.max_seq_len)
+    cache = model.new_cache(B, cache_len)
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
     bounds = [0]
     for n in lengths:
@@ -156,10 +192,9 @@ def generate(
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    step = None
-    if cuda_graph:
-        warmup(model, B)
-        step = _graph_step(model, cache, B)
+    step = None  # one new token is the prefill's: no step to compile or capture
+    if max_new_tokens > 1:
+        step = _decode_step(model, cache, B, compile=compile, cuda_graph=cuda_graph)
     steps = 0
     t1 = time.perf_counter()
     while True:
@@ -174,7 +209,7 @@ def generate(
         if all(done):
             break
         step_ids = nxt.view(B, 1)
-        logits = step(step_ids) if step is not None else model(step_ids, cache=cache)[:, -1]
+        logits = step(step_ids)
         nxt = sampling.pick(logits, gen)
         steps += 1
     _sync(device)
@@ -186,8 +221,9 @@ def generate(
 @torch.inference_mode()
 def warmup(model: Transformer, batch_size: int = 1, prompt_len: int = 16) -> None:
     """Run a packed prefill and a decode step of this shape once, so the autotuner has picked
-    every kernel's config (on a GPU the first call of a shape tunes; a CUDA graph must not
-    capture that) and the CPU path has said what it is. The cache it fills is thrown away."""
+    the kernels' configs (on a GPU the first call of a shape tunes) and the CPU path has said
+    what it is, before something is timed. The cache it fills is thrown away. (generate's
+    compiled and captured steps warm up on their own cache: attention tunes per cache length.)"""
     cache = model.new_cache(batch_size, prompt_len + 1)
     ids = torch.zeros(batch_size * prompt_len, dtype=torch.int64, device=model.device)
     cu = torch.arange(0, (batch_size + 1) * prompt_len, prompt_len, dtype=torch.int32,
@@ -197,29 +233,78 @@ def warmup(model: Transformer, batch_size: int = 1, prompt_len: int = 16) -> Non
     _sync(model.device)
 
 
-def _graph_step(model: Transformer, cache: KVCache, batch_size: int):
-    """The decode step captured as a CUDA graph: static ids in, logits out, positions and
-    lengths read from the cache on the device (no host sync inside). Run eagerly on a side
-    stream first, as capture needs, with the autotuner's choices made (`warmup`); the
-    warm-up's lengths are restored (its cache writes land where the next step writes)."""
-    device = model.device
-    static_ids = torch.zeros(batch_size, 1, dtype=torch.int64, device=device)
+def _forward(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    # ids [B, 1] -> logits [B, V]
+    return model(ids, cache=cache)[:, -1]
+
+
+def _backend_name(compile: bool | str) -> str:
+    return "inductor" if compile is True else compile
+
+
+@functools.cache
+def _compiled_forward(backend: str) -> Callable:
+    return torch.compile(_forward, backend=backend, fullgraph=True, dynamic=False)
+
+
+def _decode_step(model: Transformer, cache: KVCache, batch_size: int, *,
+                 compile: bool | str = False, cuda_graph: bool = False) -> Callable:  # fmt: skip
+    """generate's decode step, ids [B, 1] int64 -> logits [B, V]: eager, compiled and/or
+    replayed as a CUDA graph, warmed up when compiled or captured."""
+    if not compile:
+        step = functools.partial(_forward, model, cache=cache)
+    else:
+        forward = _compiled_forward(_backend_name(compile))
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            # The model cannot switch its ops' value checks off from inside a graph: they would
+            # read (and sync) at every step. generate validated the ids and lengths.
+            with value_checks(False):
+                return forward(model, ids, cache)
+
+    if compile or cuda_graph:
+        limit = (
+            torch._dynamo.config.patch(cache_size_limit=MAX_COMPILED_STEPS)
+            if compile
+            else contextlib.nullcontext()
+        )
+        with limit:  # the warm-up compiles
+            _warm_up(step, cache, batch_size)
+    return _graph_step(step, cache, batch_size) if cuda_graph else step
+
+
+def _warm_up(step: Callable, cache: KVCache, batch_size: int) -> None:
+    """Run `step` twice on dummy ids, putting the lengths back each time (its cache writes land
+    where the next step writes): torch.compile compiles, and the autotuner picks every kernel's
+    config for exactly this step's shapes, before the timed loop and before a CUDA graph
+    captures (capture must see neither). On a GPU on a side stream, as capture needs."""
+    device = cache.device
+    ids = torch.zeros(batch_size, 1, dtype=torch.int64, device=device)
     saved = cache.seqlens.clone()
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         for _ in range(2):
-            model(static_ids, cache=cache)
+            step(ids)
             cache.seqlens.copy_(saved)
-    torch.cuda.current_stream(device).wait_stream(stream)
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _graph_step(step: Callable, cache: KVCache, batch_size: int) -> Callable:
+    """`step`, warmed up, captured as a CUDA graph: static ids in, static logits out (valid
+    until the next replay). Positions and lengths are read from the cache on the device and
+    the ops' host checks are off while a graph captures, so a replay makes no host sync.
+    Capture records and runs nothing: the cache is as it was."""
+    static_ids = torch.zeros(batch_size, 1, dtype=torch.int64, device=cache.device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_logits = model(static_ids, cache=cache)[:, -1]
-    cache.seqlens.copy_(saved)  # capture does not run the step; keep the lengths as they were
+        static_logits = step(static_ids)
 
-    def step(ids: torch.Tensor) -> torch.Tensor:
+    def replay(ids: torch.Tensor) -> torch.Tensor:
         static_ids.copy_(ids)
         graph.replay()
         return static_logits
 
-    return step
+    return replay

@@ -16,7 +16,7 @@ from torch import nn
 from fp8nemo import fp8
 from fp8nemo import kernels as K
 from fp8nemo.kernels._triton import value_checks_enabled
-from fp8nemo.kernels.rope import kv_cache_write_reference, rope_reference
+from fp8nemo.kernels.rope import rope_reference
 
 from .cache import Batch, KVCache
 from .config import ModelConfig
@@ -172,7 +172,14 @@ class Attention(nn.Module):
         k, v = self.kv_tap(k, v)
         cache = batch.cache
         if cache is not None:
-            kv_cache_write_reference(k, v, cache.k[self.layer], cache.v[self.layer], batch.slots)
+            # The model's slots are all valid (never -1): an indexed write without
+            # kv_cache_write_reference's boolean mask (a device sync, which neither a CUDA graph
+            # nor torch.compile can hold), into the whole cache tensor (inductor writes a
+            # layer's view of it through a copy of the view; the tensor itself in place).
+            b, pos = batch.slots // cache.max_seq_len, batch.slots % cache.max_seq_len
+            where = (torch.full_like(b, self.layer), b, pos)
+            cache.k.index_put_(where, k.to(cache.dtype))
+            cache.v.index_put_(where, v.to(cache.dtype))
         B, S = batch.batch_size, batch.seq_len
         if batch.kind == "append":
             # S new queries per sequence at positions start + t, over the whole cache.
@@ -337,7 +344,10 @@ class Transformer(nn.Module):
           the cache (if given) from its start -> `[T, V]`; the cache's lengths become theirs.
         `last_only` keeps each sequence's last token: `[B, V]`.
         Token ids, lengths and positions are checked once here (one device sync); the ops then
-        run with their own value checks off."""
+        run with their own value checks off. Under torch.compile neither check runs while
+        tracing (a host read would break the graph): the caller validates, and runs the
+        compiled graph inside `kernels.value_checks(False)` (as `generate(compile=True)` does),
+        else its ops check their indices, with a sync each, whenever it runs."""
         batch = self.batch(input_ids, cache, cu_seqlens, max_seqlen)
         with K.value_checks(False):
             x = self.model.embed_tokens(input_ids.reshape(-1))  # [T, D]
@@ -383,11 +393,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 _check_cache(cache, self, B)
                 start = cache.seqlens[:B]
-                positions = (start[:, None].long() + torch.arange(S, device=self.device)).reshape(
-                    -1
-                )
-                b = torch.arange(B, device=self.device).repeat_interleave(S)
-                slots = b * cache.max_seq_len + positions
+                positions = start[:, None].long() + torch.arange(S, device=self.device)  # [B, S]
+                # Row offsets by broadcasting, not repeat_interleave: no device sync, ever.
+                rows = torch.arange(B, device=self.device)[:, None] * cache.max_seq_len
+                slots, positions = (rows + positions).reshape(-1), positions.reshape(-1)
                 batch = Batch("append", B, S, positions, self.cos_sin, cache, slots, start=start)
                 if check:  # one host read for the lengths and the ids
                     lo, hi, longest = torch.stack(
