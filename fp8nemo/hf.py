@@ -13,7 +13,6 @@ transformers is imported only to register the attention; `quantize_` works on an
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -284,10 +283,7 @@ def attention(
             return _unpadded_prefill(q, k, v, valid, causal, scaling, sliding_window), None
         k, v, counts = _valid_first(k, v, valid)
         seqlens = counts - q_len
-    # The lengths come from shapes and the mask, not from the user: no host checks (a traced
-    # forward has none to turn off, and dynamo does not trace the context variable).
-    compiling = torch.compiler.is_compiling()
-    with contextlib.nullcontext() if compiling else K.value_checks(False):
+    with K.value_checks(False):  # the lengths come from shapes and the mask, not from the user
         if q_len == kv_len:
             out = K.flash_attention(q, k, v, causal=causal, softmax_scale=scaling,
                                     window=sliding_window)  # fmt: skip
