@@ -17,8 +17,9 @@ import fp8nemo
 from fp8nemo.utils import progress
 
 # Suites by name; each is the module fp8nemo.bench.<name> with `cases(on_gpu, shapes, ms)`,
-# which lists its cases, and `run_case(env, device, *case)`, which returns one case's rows.
-SUITES = ("gemm", "attention", "decode", "rope")
+# which lists its cases, and `run_case(env, device, *case)`, which returns one case's rows; it
+# may define `passed(row)`, its own correctness rule.
+SUITES = ("gemm", "attention", "decode", "rope", "e2e")
 # Dense tensor-core peaks from the vendors' datasheets, TFLOP/s (fp8, bf16): the roofline's
 # compute ceiling. Memory bandwidth is measured at the start of each GPU run instead.
 DATASHEET_PEAKS = {
@@ -31,6 +32,7 @@ DATASHEET_PEAKS = {
     "L4": (242.5, 121.0),
 }
 CORRECTNESS_ONLY = "correctness only (Triton interpreter on CPU)"
+MAX_REL_ERR = 0.1  # an fp8nemo op row's error against its fp32 reference: round-off is far below
 NEMO_HEADS = (32, 8, 128)  # NeMo-12B's Hq, Hk, head_dim
 
 
@@ -120,6 +122,10 @@ class Row:
     bound: str
     rel_err: float | None
     note: str = ""
+    model: str = ""  # e2e: the checkpoint or preset
+    tokens_per_s: float | None = None  # e2e
+    agreement: float | None = None  # e2e: share of tokens the fp32 reference picks too
+    peak_mib: float | None = None  # e2e: peak memory above what was in use before loading
     env: dict = field(default_factory=dict)
 
 
@@ -134,24 +140,31 @@ def roofline(env: Environment, flops: float, nbytes: float, ms: float, fp8: bool
     return tflops, gbps, 100.0 * max(t_compute, t_memory) / ms, bound
 
 
-def measure(env, device, rows, case: dict, impl, scheme, fn, flops, nbytes, fp8, check=None):
-    """Run `fn` once (`check(out)` gives its relative error), time it, and append a Row for
-    `case` (suite, shape, dims, M, N, K, out_dtype). A baseline this torch or GPU lacks becomes
-    a row that says why."""
+def measure(env, device, rows, case: dict, impl, scheme, fn, flops, nbytes, fp8, check=None, *,
+            agreement=None, ms_of=None, tokens=None):  # fmt: skip
+    """Run `fn` once (`check(out)` gives its relative error, `agreement(out)` the share of
+    tokens it picked as the reference does), time it, and append a Row for `case` (suite,
+    shape, dims, M, N, K, out_dtype). `ms_of(out)` takes the time from the checked call's own
+    output instead (a call that times itself); with `tokens` per call the row has tokens/s.
+    A baseline this torch or GPU lacks becomes a row that says why; fp8nemo's own errors
+    propagate."""
     note = ""
     try:
         out = fn()
         err = check(out) if check is not None else None
-        ms = time_ms(fn, device)
+        agree = agreement(out) if agreement is not None else None
+        ms = ms_of(out) if ms_of is not None else time_ms(fn, device)
         tflops, gbps, pct, bound = roofline(env, flops, nbytes, ms, fp8)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
-        if impl == "fp8nemo":
+        if impl.startswith("fp8nemo"):
             raise
-        ms = tflops = gbps = pct = err = None
+        ms = tflops = gbps = pct = err = agree = None
         bound, note = "-", f"unavailable: {str(e).strip().splitlines()[0][:120]}"
+    tokens_per_s = tokens / ms * 1e3 if tokens is not None and ms is not None else None
     rows.append(
         Row(**case, impl=impl, scheme=scheme, median_ms=ms, tflops=tflops, gbps=gbps,
-            roofline_pct=pct, bound=bound, rel_err=err, note=note, env=asdict(env))
+            roofline_pct=pct, bound=bound, rel_err=err, note=note, tokens_per_s=tokens_per_s,
+            agreement=agree, env=asdict(env))
     )  # fmt: skip
 
 
@@ -159,11 +172,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def case_fields(suite, shape, dims, out_dtype, M=None, N=None, K=None) -> dict:
-    """The Row fields that name a case; `dims` a dict of its sizes."""
+def case_fields(suite, shape, dims, out_dtype, M=None, N=None, K=None, **more) -> dict:
+    """The Row fields that name a case; `dims` a dict of its sizes, `more` other Row fields."""
     dims_text = " ".join(f"{k}={v}" for k, v in dims.items())
     return dict(suite=suite, shape=shape, dims=dims_text, M=M, N=N, K=K,
-                out_dtype=str(out_dtype).removeprefix("torch."))  # fmt: skip
+                out_dtype=str(out_dtype).removeprefix("torch."), **more)  # fmt: skip
 
 
 def suite_module(suite: str):
@@ -174,18 +187,22 @@ def suite_module(suite: str):
 
 def run_suite(
     suite: str, device: torch.device | None = None, shapes=None, ms=None, on_rows=None,
-    budget_s: float | None = None,
+    budget_s: float | None = None, model: str | None = None,
 ) -> tuple[Environment, list[Row]]:  # fmt: skip
     """Every case of `suite`; `on_rows(env, rows)` sees each case's rows as soon as they exist.
-    Cases that would start after `budget_s` seconds are not run; each gets a row saying so."""
+    Cases that would start after `budget_s` seconds are not run; each gets a row saying so.
+    `model` (a preset or checkpoint folder) is the e2e suite's."""
     from fp8nemo.kernels import value_checks
 
     module = suite_module(suite)
+    if model is not None and suite != "e2e":
+        raise ValueError(f"model applies to the e2e suite only; got it for {suite!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     if env.on_gpu:
         env.copy_gbps = copy_bandwidth_gbps(device)
-    cases = list(module.cases(env.on_gpu, shapes, ms))
+    options = {} if model is None else {"model": model}
+    cases = list(module.cases(env.on_gpu, shapes, ms, **options))
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     rows = []
     for case in progress(cases, f"bench {suite}", "case"):
@@ -209,3 +226,14 @@ def _not_run(env, suite, case, budget_s) -> Row:
         roofline_pct=None, bound="-", rel_err=None,
         note=f"not run: the {budget_s:.0f} s budget ran out", env=asdict(env),
     )  # fmt: skip
+
+
+def failed_checks(suite: str, rows: list[Row]) -> list[Row]:
+    """The rows of `suite` whose correctness check failed: by the suite's own `passed(row)`,
+    else every fp8nemo row needs a relative error below MAX_REL_ERR."""
+    passed = getattr(suite_module(suite), "passed", None) or _passed
+    return [r for r in rows if not passed(r)]
+
+
+def _passed(row: Row) -> bool:
+    return row.impl != "fp8nemo" or (row.rel_err is not None and row.rel_err < MAX_REL_ERR)

@@ -12,8 +12,13 @@ from .harness import CORRECTNESS_ONLY, Environment, Row
 COLUMNS = [
     "date", "device", "capability", "torch", "triton", "fp8nemo", "python", "mode", "copy_gbps",
     "suite", "shape", "dims", "M", "N", "K", "impl", "scheme", "out_dtype", "median_ms",
-    "tflops", "gbps", "roofline_pct", "bound", "rel_err", "note",
+    "tflops", "gbps", "roofline_pct", "bound", "rel_err", "note", "model", "tokens_per_s",
+    "agreement", "peak_mib",
 ]  # fmt: skip
+# Each suite's figure, and its unit: TFLOP/s for matrix work, GB/s for memory-bound ops,
+# tokens/s for the whole model.
+METRICS = {"decode": "gbps", "rope": "gbps", "e2e": "tokens_per_s"}
+UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
 
 
 def _fmt(v, spec):
@@ -50,11 +55,18 @@ class CsvSink:
 
 
 def _metric(suite: str) -> str:
-    """The figure a suite is judged by: TFLOP/s for matrix work, GB/s for memory-bound ops."""
-    return "gbps" if suite in ("decode", "rope") else "tflops"
+    return METRICS.get(suite, "tflops")
+
+
+def _e2e(rows: list[Row]) -> bool:
+    return bool(rows) and rows[0].suite == "e2e"
 
 
 def format_table(env: Environment, rows: list[Row]) -> str:
+    if _e2e(rows):  # the whole model's rows, side by side, with the ratios
+        from . import e2e
+
+        return e2e.format_table(env, rows)
     head = f"{env.device} (cc {env.capability}), torch {env.torch}, triton {env.triton}, {env.date}"
     if env.on_gpu:
         head += f", copy {env.copy_gbps:.0f} GB/s"
@@ -78,6 +90,10 @@ def format_table(env: Environment, rows: list[Row]) -> str:
 
 
 def format_markdown(env: Environment, rows: list[Row]) -> str:
+    if _e2e(rows):
+        from . import e2e
+
+        return e2e.format_markdown(env, rows)
     lines = [
         f"**{env.device}** (cc {env.capability}) · torch {env.torch} · triton {env.triton} · "
         f"fp8nemo {env.fp8nemo} · {env.date} · mode: {env.mode}"
@@ -96,7 +112,7 @@ def format_markdown(env: Environment, rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: str) -> None:
-    """One bar group per case: TFLOP/s (or GB/s for memory-bound suites) of each implementation."""
+    """One bar group per case: the suite's figure (METRICS) for each implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +129,7 @@ def plot(rows: list[Row], path: str) -> None:
         ax.bar([c + i * width for c in range(len(cases))], vals, width, label=impl)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     ax.set_xticklabels([f"{s}\n{d}".replace(" ", "\n") for s, d in cases], fontsize=6)
-    ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s")
+    ax.set_ylabel(UNITS[metric])
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -131,8 +147,8 @@ def read_csv(path: str) -> list[dict]:
 
 
 def format_compare(rows: list[dict]) -> str:
-    """One line per case of a bench CSV: the suite's figure (TFLOP/s, or GB/s for decode and
-    rope) for each implementation and scheme, and our best over the best baseline's."""
+    """One line per case of a bench CSV: the suite's figure (METRICS) for each implementation
+    and scheme, and our best over the best baseline's."""
     if not rows:
         return "(no rows)"
     metric = _metric(rows[0]["suite"])
@@ -151,6 +167,6 @@ def format_compare(rows: list[dict]) -> str:
         ratio = f"{max(ours) / max(theirs):.2f}" if ours and theirs else "-"
         table.append([shape, dims, *(_fmt(vals.get(k), ".0f") for k in labels), ratio])
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = [f"{rows[0]['suite']}: {'TFLOP/s' if metric == 'tflops' else 'GB/s'} (median)"]
+    lines = [f"{rows[0]['suite']}: {UNITS[metric]} (median)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
     return "\n".join(lines)
