@@ -1,5 +1,6 @@
 """The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen,
-`quantize` turns a 16-bit checkpoint into an FP8 one, `generate` runs a model."""
+`quantize` turns a 16-bit checkpoint into an FP8 one, `generate` runs a model, `tune` records
+the fastest kernel configs for a model on this GPU."""
 
 from __future__ import annotations
 
@@ -229,6 +230,49 @@ def _generate(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import torch
+
+    from fp8nemo.model.config import PRESETS
+
+    if not os.path.isdir(args.model) and args.model not in PRESETS:
+        return _error(f"MODEL {args.model} is neither a checkpoint folder nor a preset "
+                      f"({', '.join(sorted(PRESETS))})")  # fmt: skip
+    from fp8nemo import tune
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        return _error(f"--device {args.device}: {err}")
+    problem = tune.untunable(device)
+    if problem:
+        return _error(problem)
+    batch_sizes = list(dict.fromkeys(args.batch_size or tune.BATCH_SIZES))
+    prompt_lens = list(dict.fromkeys(args.prompt_len or tune.PROMPT_LENS))
+    start = time.perf_counter()
+    try:
+        result = tune.tune(args.model, batch_sizes=batch_sizes, prompt_lens=prompt_lens,
+                           device=device, dtype=args.dtype, scheme=args.scheme,
+                           kv_cache_dtype=args.kv_cache, progress=sys.stderr.isatty())  # fmt: skip
+    except (ValueError, TypeError) as err:
+        return _error(str(err))
+    except OSError as err:
+        return _error(f"{err.filename or args.model}: {err.strerror or err}")
+    rows = [("op", "key", "config", "source")]
+    rows += [(d.op, d.key, d.config, d.source) for d in result.decisions]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    counts = {s: sum(d.source == s for d in result.decisions) for s in ("tuned", "cached")}
+    print(
+        f"\n{counts['tuned']} tuned now, {counts['cached']} already cached, "
+        f"{len(result.decisions) - sum(counts.values())} with one config, at batch sizes "
+        f"{batch_sizes} x prompt lengths {prompt_lens} in {time.perf_counter() - start:.0f}s "
+        f"-> {result.path}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8nemo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log tuning and setup")
@@ -320,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, help="parallel compiles (default: CPU count)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("tune", help="time every kernel config a model runs; keep the fastest")
+    p.add_argument("model", help="HF checkpoint folder or a preset name (random weights)")
+    p.add_argument("--batch-size", type=_positive_int, action="append",
+                   help="sequences per step (repeatable; default 1 and 16)")  # fmt: skip
+    p.add_argument("--prompt-len", type=_positive_int, action="append",
+                   help="prompt tokens per sequence (repeatable; default 512, 4096)")  # fmt: skip
+    p.add_argument("--kv-cache", choices=["fp8", "bf16", "fp16"], help="default: --dtype")
+    p.add_argument("--scheme", choices=["tensor", "channel", "block"],
+                   help="weight scales when a 16-bit checkpoint is quantized on load")  # fmt: skip
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--device", default="cuda", help="the GPU to tune (default: cuda)")
+    p.set_defaults(run=_tune)
     return parser
 
 

@@ -135,6 +135,19 @@ def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     return 10 * math.log10(ref.pow(2).sum().item() / max(noise.item(), 1e-300))
 
 
+# Rounding to e4m3 (3 mantissa bits) leaves a relative error uniform in +-2^-4 of each value:
+# variance 2^-8 / 3, an SQNR of 10 log10(768) = 28.9 dB per quantized tensor. A forward through
+# L blocks quantizes 7 weights and 4 activations (both norms' outputs, the attention output,
+# SiLU * up) per block; if none of these noises is amplified they add up, and the logits' SQNR
+# against the reference is at least 28.9 - 10 log10(11 L) dB (13.7 dB for 3 blocks).
+E4M3_SQNR_DB = 10 * math.log10(3 * 2**8)
+
+
+def fp8_floor_db(layers: int, per_block: int = 11) -> float:
+    """The floor for `per_block` quantized tensors per block (13 with an e4m3 KV cache: K, V)."""
+    return E4M3_SQNR_DB - 10 * math.log10(per_block * layers)
+
+
 # A fresh interpreter's peak RSS above its baseline while it runs `body` (peak RSS is per
 # process): the prologue imports torch and fp8nemo first, so the figures are the body's own.
 _PEAK = """

@@ -14,10 +14,12 @@ def test_m_bucket():
 
 
 @pytest.fixture
-def timed(monkeypatch):
-    """A tuner that runs as on a GPU, with do_bench replaced by a fixed time per config."""
+def timed(monkeypatch, tmp_path):
+    """A tuner that runs as on a GPU, with do_bench replaced by a fixed time per config (and its
+    tuning file in a temp folder, not the user's cache)."""
     monkeypatch.setattr(_triton, "INTERPRET", False)
     monkeypatch.delenv("FP8NEMO_AUTOTUNE", raising=False)
+    monkeypatch.setenv("FP8NEMO_CACHE_DIR", str(tmp_path))
     calls = []
     times = {"slow": 2.0, "fast": 1.0, "mid": 1.5}
 

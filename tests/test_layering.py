@@ -27,6 +27,7 @@ FORBIDDEN = {
         "fp8nemo.cli",
     ),
     "fp8nemo.model": ("fp8nemo.validate", "fp8nemo.hf", "fp8nemo.bench", "fp8nemo.cli"),
+    "fp8nemo.hf": ("fp8nemo.validate", "fp8nemo.bench", "fp8nemo.cli"),
 }
 
 
@@ -49,3 +50,11 @@ def test_package_imports_only_what_lies_below_it(package):
 
 def test_numerics_leaf_imports_no_other_fp8nemo_module():
     assert imported_modules("fp8nemo.fp8") == ["fp8nemo", "fp8nemo.fp8"]
+
+
+def test_package_import_needs_no_torch():
+    """`import fp8nemo` (the CLI's --help, `fp8nemo.__version__`) loads neither torch nor the
+    HF backend; `fp8nemo.quantize_` imports them on first use."""
+    code = "import sys, fp8nemo; print('torch' in sys.modules, 'fp8nemo.hf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -4,11 +4,9 @@ and the FP8 backend's error against the reference."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import sqnr_db
+from helpers import fp8_floor_db, sqnr_db
 from models import CONFIGS, save_hf_model
 
 from fp8nemo.model import FP8Scheme, load_model
@@ -111,18 +109,6 @@ def test_packed_batch_equals_one_by_one(checkpoints, gen):
 
 # ---------------------------------------------------------------------------------------------
 # the FP8 backend
-
-# Rounding to e4m3 (3 mantissa bits) leaves a relative error uniform in +-2^-4 of each value:
-# variance 2^-8 / 3, an SQNR of 10 log10(768) = 28.9 dB per quantized tensor. A forward through
-# L blocks quantizes 7 weights and 4 activations (both norms' outputs, the attention output,
-# SiLU * up) per block; if none of these noises is amplified they add up, and the logits' SQNR
-# against the reference is at least 28.9 - 10 log10(11 L) dB (13.7 dB for 3 blocks).
-E4M3_SQNR_DB = 10 * math.log10(3 * 2**8)
-
-
-def fp8_floor_db(layers: int, per_block: int = 11) -> float:
-    """The floor for `per_block` quantized tensors per block (13 with an e4m3 KV cache: K, V)."""
-    return E4M3_SQNR_DB - 10 * math.log10(per_block * layers)
 
 
 def cached_logits(model, ids, prefill: int, steps: int = 3):

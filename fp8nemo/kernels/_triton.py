@@ -6,17 +6,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import logging
 import math
 import os
+import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+import fp8nemo
 from fp8nemo import fp8 as fp8_ref
 
 logger = logging.getLogger("fp8nemo")
@@ -179,17 +184,168 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one call of `fn` on the GPU: the number the autotuner compares."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def timing_enabled() -> bool:
+    """Whether the autotuner times candidates: not through the interpreter (no GPU to time),
+    not with FP8NEMO_AUTOTUNE=0."""
+    return not INTERPRET and os.environ.get("FP8NEMO_AUTOTUNE", "1") != "0"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU a tuning is valid for (configs are timed per GPU model, not per index)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def cache_dir() -> str:
+    """$FP8NEMO_CACHE_DIR, else $XDG_CACHE_HOME/fp8nemo, else ~/.cache/fp8nemo."""
+    if os.environ.get("FP8NEMO_CACHE_DIR"):
+        return os.environ["FP8NEMO_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fp8nemo")
+
+
+def tuning_header(device: torch.device) -> dict[str, str]:
+    """What a tuning file's choices hold for: the GPU and the versions that compiled them."""
+    return {
+        "device": device_name(device),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "fp8nemo": fp8nemo.__version__,
+    }
+
+
+def tuning_path(device: torch.device) -> str:
+    """The JSON file of tuned configs for `device`'s GPU and these versions."""
+    h = tuning_header(device)
+    slug = f"{h['device']}-triton{h['triton']}-torch{h['torch']}-fp8nemo{h['fp8nemo']}"
+    return os.path.join(cache_dir(), f"tuning-{re.sub(r'[^A-Za-z0-9.]+', '-', slug)}.json")
+
+
+def key_text(key: tuple) -> str:
+    """A launcher's key as the tuning file spells it: devices by type (the file is per GPU),
+    dtypes without "torch.", e.g. "cuda, token, channel, False, bfloat16, 16, 6144, 5120"."""
+    parts = []
+    for x in key:
+        if isinstance(x, torch.device):
+            parts.append(x.type)
+        elif isinstance(x, torch.dtype):
+            parts.append(str(x).removeprefix("torch."))
+        elif x is None or isinstance(x, (bool, int, str)):
+            parts.append(str(x))
+        else:
+            raise TypeError(f"autotune key holds {x!r} ({type(x).__name__}); keys hold "
+                            f"devices, dtypes, ints, strings, bools and None")  # fmt: skip
+    return ", ".join(parts)
+
+
+def _key_device(key: tuple) -> torch.device:
+    device = next((x for x in key if isinstance(x, torch.device)), None)
+    if device is not None:
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: str, kind: str, problem: str) -> None:
+    """One warning per file and kind of trouble ("read", "write"), however often it recurs."""
+    if (path, kind) not in _warned:
+        _warned.add((path, kind))
+        logger.warning("fp8nemo: tuning cache %s %s", path, problem)
+
+
+def _read_tuning(path: str, header: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{op: {key text: config name}} from the file at `path`: empty when there is none, or when
+    it cannot be read or is not a tuning file for `header` (one warning; the next write
+    replaces it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):  # no file, or no folder to hold one
+        return {}
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        _warn_once(path, "read", f"is ignored (cannot read it: {err}); the next tuned config "
+                   "rewrites it")  # fmt: skip
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
+        problem = 'is not {"device", "triton", "torch", "fp8nemo", "configs": {...}}'
+    elif any(data.get(k) != v for k, v in header.items()):
+        problem = f"was written for {[data.get(k) for k in header]}, not {list(header.values())}"
+    elif not all(
+        isinstance(table, dict) and all(isinstance(n, str) for n in table.values())
+        for table in data["configs"].values()
+    ):
+        problem = "has configs that are not {op: {key: config name}}"
+    else:
+        return data["configs"]
+    _warn_once(path, "read", f"is ignored: it {problem}; the next tuned config rewrites it")
+    return {}
+
+
+def _write_tuning(path: str, header: dict[str, str], op: str, key: str, name: str) -> None:
+    """Add one choice to the file, merged with what another process may have written since it
+    was read; atomically (a temp file in the same folder, then os.replace), so a reader never
+    sees half a file. An unwritable folder leaves the choice in memory only (one warning)."""
+    configs = _read_tuning(path, header)
+    configs.setdefault(op, {})[key] = name
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({**header, "configs": configs}, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as err:
+        _warn_once(path, "write", f"cannot be written ({err}); tuned configs stay in this process "
+                   "only")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One config choice: `source` is "tuned" (timed now and written to the tuning file),
+    "cached" (read from it), "single" (the only candidate) or "untimed" (the first candidate:
+    interpreter, FP8NEMO_AUTOTUNE=0 or a capturing CUDA graph)."""
+
+    op: str
+    key: str
+    config: str
+    source: str
+
+
 class Autotuner:
-    """Times each candidate config once per key and remembers the fastest.
+    """Times each candidate config once per key and remembers the fastest, in memory and in the
+    JSON file `tuning_path` names, so that a second process reads it instead of re-tuning.
 
     Unlike `triton.autotune`, it times a whole launch (a split-K GEMM includes its reduction)
-    and lets the launcher choose among configs that need different buffers. The interpreter,
-    a capturing CUDA graph and FP8NEMO_AUTOTUNE=0 take the first candidate without timing.
+    and lets the launcher choose among configs that need different buffers. The interpreter
+    and FP8NEMO_AUTOTUNE=0 take the first candidate without timing and leave the file alone; a
+    capturing CUDA graph takes the stored choice, else the first candidate. A stored choice
+    counts only while its config is still among the candidates.
     """
+
+    # Every choice any tuner made in this process, in order (`fp8nemo tune` prints them).
+    decisions: ClassVar[list[Decision]] = []
 
     def __init__(self, op: str):
         self.op = op
         self.cache: dict[tuple, KernelConfig] = {}
+
+    def _decide(self, key: tuple, config: KernelConfig, source: str, keep=True) -> KernelConfig:
+        Autotuner.decisions.append(Decision(self.op, key_text(key), config.name, source))
+        if keep:
+            self.cache[key] = config
+        return config
 
     def choose(
         self,
@@ -204,33 +360,42 @@ class Autotuner:
         candidates = candidates()
         if not candidates:
             raise RuntimeError(f"{self.op}: no launch config fits key {key}")
-        if len(candidates) == 1 or INTERPRET or os.environ.get("FP8NEMO_AUTOTUNE", "1") == "0":
-            self.cache[key] = candidates[0]
-            return candidates[0]
+        if len(candidates) == 1:
+            return self._decide(key, candidates[0], "single")
+        if not timing_enabled():
+            return self._decide(key, candidates[0], "untimed")
+        device = _key_device(key)
+        path, header, text = tuning_path(device), tuning_header(device), key_text(key)
+        stored = _read_tuning(path, header).get(self.op, {}).get(text)
+        by_name = {c.name: c for c in candidates}
+        if stored in by_name:
+            logger.info("fp8nemo: %s %s -> %s (from %s)", self.op, text, stored, path)
+            return self._decide(key, by_name[stored], "cached")
+        if stored is not None:
+            logger.info("fp8nemo: %s %s: stored config %s is no longer a candidate; re-tuning",
+                        self.op, text, stored)  # fmt: skip
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             logger.warning(
                 "fp8nemo: %s key %s was not tuned before CUDA graph capture; using %s",
                 self.op,
-                key,
+                text,
                 candidates[0],
             )
-            return candidates[0]
+            return self._decide(key, candidates[0], "untimed", keep=False)  # tune after capture
         times = {}
         for config in candidates:
             try:
-                times[config.name] = triton.testing.do_bench(
-                    lambda config=config: launch(config), warmup=10, rep=40, return_mode="median"
-                )
+                times[config.name] = bench(lambda config=config: launch(config))
             except triton.runtime.errors.OutOfResources as err:
                 logger.info("fp8nemo: %s config %s skipped: %s", self.op, config, err)
         if not times:
             raise RuntimeError(f"{self.op}: every launch config ran out of resources for {key}")
         best = min(candidates, key=lambda c: times.get(c.name, float("inf")))
         logger.info(
-            "fp8nemo: %s tuned %s -> %s (%.1f us)", self.op, key, best, times[best.name] * 1e3
+            "fp8nemo: %s tuned %s -> %s (%.1f us)", self.op, text, best, times[best.name] * 1e3
         )
-        self.cache[key] = best
-        return best
+        _write_tuning(path, header, self.op, text, best.name)
+        return self._decide(key, best, "tuned")
 
 
 # One library fragment per namespace; every op file registers into it.

@@ -67,13 +67,15 @@ def static_scale_buffer(module: nn.Module, scheme: FP8Scheme, device=None) -> No
 
 
 class FP8Linear(nn.Module):
-    """`y = x @ W.T` on `fp8_gemm`: `weight` e4m3 `[N, K]` and fp32 `weight_scale` (`[1]`,
-    `[N, 1]` or `[ceil(N/128), ceil(K/128)]`) as buffers, plus `input_scale` `[1]` for static
-    activations. Takes 16-bit activations (quantized here) or a `QuantizedActivation` from a
-    fused op; returns `out_dtype`."""
+    """`y = x @ W.T + bias` on `fp8_gemm`: `weight` e4m3 `[N, K]` and fp32 `weight_scale`
+    (`[1]`, `[N, 1]` or `[ceil(N/128), ceil(K/128)]`) as buffers, plus `input_scale` `[1]` for
+    static activations and an optional `bias` `[N]` in `out_dtype`. Takes 16-bit activations
+    `[..., K]` (quantized here) or a `QuantizedActivation` `[T, K]` from a fused op; returns
+    `out_dtype`."""
 
     def __init__(self, in_features: int, out_features: int, scheme: FP8Scheme,
-                 out_dtype: torch.dtype = torch.bfloat16, device=None):  # fmt: skip
+                 out_dtype: torch.dtype = torch.bfloat16, device=None,
+                 bias: bool = False):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.out_dtype = scheme, out_dtype
@@ -82,14 +84,22 @@ class FP8Linear(nn.Module):
                                                    device=device))  # fmt: skip
         self.register_buffer("weight_scale", torch.ones(shape, device=device))
         static_scale_buffer(self, scheme, device)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device))
+        else:
+            self.bias = None
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        # x: [T, K] 16-bit or already quantized (by a fused op) -> [T, N] out_dtype
-        if not isinstance(x, QuantizedActivation):
-            x = QuantizedActivation(
-                *quantize_fp8(x, self.scheme.activation_granularity, scale=self.input_scale)
-            )
-        return fp8_gemm(x.data, x.scale, self.weight, self.weight_scale, out_dtype=self.out_dtype)
+        # x: [..., K] 16-bit, or [T, K] already quantized by a fused op -> [..., N] out_dtype
+        if isinstance(x, QuantizedActivation):
+            return fp8_gemm(x.data, x.scale, self.weight, self.weight_scale, self.bias,
+                            out_dtype=self.out_dtype)  # fmt: skip
+        lead = x.shape[:-1]
+        a, a_scale = quantize_fp8(x.reshape(-1, x.shape[-1]), self.scheme.activation_granularity,
+                                  scale=self.input_scale)  # fmt: skip
+        out = fp8_gemm(a, a_scale, self.weight, self.weight_scale, self.bias,
+                       out_dtype=self.out_dtype)  # fmt: skip
+        return out.view(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight `[N, K]` this layer multiplies by."""
@@ -98,5 +108,6 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"weights={self.scheme.weights}, activations={self.scheme.activations}"
+            f"weights={self.scheme.weights}, activations={self.scheme.activations}, "
+            f"bias={self.bias is not None}, out_dtype={str(self.out_dtype).removeprefix('torch.')}"
         )
