@@ -62,8 +62,13 @@ def _bench(args) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         return _error(f"--out {args.out}: cannot create it: {err.strerror}")
+    import signal
+
     import torch
 
+    # `timeout` (gpu_check.sh's stage limit) sends SIGTERM: unwind as Ctrl-C does, so the
+    # .partial CSV stays and the e2e suite's temporary checkpoint (24 GB for NeMo-12B) goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if not torch.cuda.is_available():
         # Without a GPU the kernels run through the Triton interpreter, which must be chosen
         # before triton is first imported.

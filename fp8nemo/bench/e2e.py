@@ -32,9 +32,10 @@ from .harness import CORRECTNESS_ONLY, Row, case_fields, measure, rel_err
 REFERENCE, FP8, HF_EAGER, HF_QUANTIZED = (
     "fp8nemo bf16 reference", "fp8nemo fp8", "HF eager bf16", "HF + quantize_",
 )  # fmt: skip
-# The order they run in: the fp8 backend early (a GPU check's budget may end the run), HF +
-# quantize_ right after HF eager, whose model it quantizes in place instead of loading another.
-IMPLS = (REFERENCE, FP8, HF_EAGER, HF_QUANTIZED)
+# The order they run in: the fp8 backend first (a GPU check's budget may end the run; the first
+# case also writes a preset's checkpoint and loads the fp32 reference), HF + quantize_ right
+# after HF eager, whose model it quantizes in place instead of loading another.
+IMPLS = (FP8, REFERENCE, HF_EAGER, HF_QUANTIZED)
 KERNEL_IMPLS = (FP8, HF_QUANTIZED)  # the rows that run fp8nemo's Triton kernels
 # The checks tell a broken path (logits off by ~100%, tokens agreeing ~1/vocab of the time) from
 # FP8 round-off, which grows with depth (`fp8nemo validate` measures accuracy).
@@ -66,7 +67,7 @@ class Sizes:
 
 GPU_SIZES = Sizes(prompts=(512, 4096), batches=(1, 16), decode_prompt=512, steps=32, repeats=2)
 # The interpreter spends ~2 s on each decode step of the tiny preset, whatever the batch.
-CPU_SIZES = Sizes(prompts=(64, 256), batches=(1, 4), decode_prompt=32, steps=6, repeats=3)
+CPU_SIZES = Sizes(prompts=(64, 256), batches=(1, 4), decode_prompt=32, steps=6, repeats=5)
 
 
 def default_model(on_gpu: bool) -> str:
@@ -297,15 +298,16 @@ class HF:
         self.scheme, self.note = "bf16", ""
         if quantize:
             try:
-                from fp8nemo.hf import quantize_
+                from fp8nemo.hf import FP8Config, quantize_
             except ModuleNotFoundError as err:
                 if err.name != "fp8nemo.hf":
                     raise
                 raise RuntimeError("fp8nemo.hf not present") from None
-            skipped = quantize_(self.model)
-            self.scheme = "fp8 (quantize_ defaults)"
-            with contextlib.suppress(TypeError):
-                self.note = f"{len(skipped)} linears kept bf16" if len(skipped) else ""
+            config = FP8Config()
+            report = quantize_(self.model, config)
+            self.scheme = f"fp8 {config.weights}/{config.activations}"
+            kept = [name.rsplit(".", 1)[-1] for name in report.skipped]
+            self.note = f"kept bf16: {', '.join(dict.fromkeys(kept))}" if kept else ""
         self.cache_type = transformers.DynamicCache
         # transformers 5.2x renamed past_key_values to cache (the old name warns)
         forward = inspect.signature(self.model.forward).parameters
@@ -541,7 +543,10 @@ def _tables(env, rows: list[Row]):
     """(header lines, table, ratio table, rows the budget left out), as lists of cells."""
     measured = [r for r in rows if r.shape in ("prefill", "decode")]
     skipped = [r for r in rows if r.shape not in ("prefill", "decode")]
-    model = next((r.model for r in measured), "")
+    # a case the budget left out names its workload in dims: "<model> P=... B=... new=..."
+    model = next((r.model for r in measured), None) or next(
+        (r.dims.split()[0] for r in skipped if r.dims), ""
+    )
     try:
         import transformers
 
@@ -605,7 +610,7 @@ def _text(table) -> list[str]:
 
 def format_table(env, rows: list[Row]) -> str:
     head, table, ratios, skipped = _tables(env, rows)
-    lines = [*head, "", *_text(table), "", *_text(ratios)]
+    lines = [*head, "", *_text(table), "", *_text(ratios)] if len(table) > 1 else head
     lines += [f"{r.shape}: {r.note}" for r in skipped]
     return "\n".join(lines)
 
@@ -619,6 +624,8 @@ def format_markdown(env, rows: list[Row]) -> str:
             "| " + " | ".join(r) + " |" for r in cells[1:]
         ]
 
-    lines = [*(f"{h}  " for h in head), "", *md(table), "", *md(ratios)]
+    lines = [f"{h}  " for h in head]
+    if len(table) > 1:
+        lines += ["", *md(table), "", *md(ratios)]
     lines += [f"- {r.shape}: {r.note}" for r in skipped]
     return "\n".join(lines) + "\n"
