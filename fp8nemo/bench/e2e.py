@@ -601,16 +601,19 @@ def _tables(env, rows: list[Row]):
     return head, table, ratios, skipped
 
 
-def _text(table) -> list[str]:
+def _text(table, left: tuple[int, ...]) -> list[str]:
+    """Columns padded to their widest cell; those in `left` flush left, figures flush right."""
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
-    return ["  ".join(c.ljust(w) if i < 3 or i >= 8 else c.rjust(w)
+    return ["  ".join(c.ljust(w) if i in left else c.rjust(w)
                       for i, (c, w) in enumerate(zip(t, widths, strict=True))).rstrip()
             for t in table]  # fmt: skip
 
 
 def format_table(env, rows: list[Row]) -> str:
     head, table, ratios, skipped = _tables(env, rows)
-    lines = [*head, "", *_text(table), "", *_text(ratios)] if len(table) > 1 else head
+    lines = head
+    if len(table) > 1:
+        lines = [*head, "", *_text(table, (0, 1, 2, 8, 9)), "", *_text(ratios, (0,))]
     lines += [f"{r.shape}: {r.note}" for r in skipped]
     return "\n".join(lines)
 
