@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU check, for a machine with a GPU and no network: the ops' tests on CUDA (with an
-# M*K > 2^31 GEMM), the sm_90 codegen report, and the gemm, attention, decode and rope
-# benchmarks, in under 8 minutes (the stage limits add up to 450 s; each benchmark suite stops
-# starting cases when its budget runs out and lists the rest as not run). Writes logs, CSVs
-# and summary.md to RESULTS_DIR (default benchmarks/results/), prints short tables last, and
-# exits non-zero if any stage failed.
+# M*K > 2^31 GEMM), the sm_90 codegen report, the gemm, attention, decode and rope benchmarks,
+# and the whole model (e2e: NeMo-12B with random weights, fp8 / bf16 reference / HF eager /
+# HF + quantize_), in under 8 minutes (the stage limits add up to 475 s; each benchmark suite
+# stops starting cases when its budget runs out and lists the rest as not run). Writes logs,
+# CSVs and summary.md to RESULTS_DIR (default benchmarks/results/), prints short tables last,
+# and exits non-zero if any stage failed.
+#
+# e2e writes NeMo-12B's random weights once as a 24 GB bf16 checkpoint (to /dev/shm when it has
+# room, else $TMPDIR), which all four implementations read: the same weights for each, at the
+# cost of ~15-25 s of its 80 s; it needs ~80 GB of GPU memory (the fp32 reference its checks
+# compare with stays loaded). The e2e fp8 case runs first, reusing the configs the gemm stage
+# tuned (the autotuner's JSON cache).
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
@@ -45,11 +52,13 @@ stage tests 190 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovi
     tests/test_decode.py tests/test_norm.py tests/test_swiglu.py tests/test_ops.py \
     tests/test_generate.py --junitxml="$RESULTS/tests.xml"
 stage inspect 40 "$PY" -m fp8nemo.cli inspect --arch sm_90
-for spec in gemm:80:55 attention:60:40 decode:50:30 rope:25:10; do
+for spec in gemm:60:40 attention:45:30 decode:40:25 rope:20:10 e2e:80:50; do
     IFS=: read -r suite limit budget <<<"$spec"
     stage "bench-$suite" "$limit" "$PY" -m fp8nemo.cli bench --suite "$suite" --budget "$budget" \
         --out "$RESULTS" --markdown
 done
+# A killed e2e run removes its temporary checkpoint as it exits; sweep what a SIGKILL left.
+rm -rf /dev/shm/fp8nemo-e2e-* "${TMPDIR:-/tmp}"/fp8nemo-e2e-*
 
 # This run's CSVs (a timed-out suite leaves the rows it finished in a .partial file).
 csvs=$(find "$RESULTS" -maxdepth 1 -newer "$marker" \( -name 'bench_*.csv' -o -name 'bench_*.csv.partial' \) | sort)

@@ -13,7 +13,7 @@ import sys
 import time
 
 # fp8nemo.bench's suites and GEMM layers, spelled here so --help needs no torch import
-SUITES = ("gemm", "attention", "decode", "rope")
+SUITES = ("gemm", "attention", "decode", "rope", "e2e")
 NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
@@ -62,8 +62,13 @@ def _bench(args) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         return _error(f"--out {args.out}: cannot create it: {err.strerror}")
+    import signal
+
     import torch
 
+    # `timeout` (gpu_check.sh's stage limit) sends SIGTERM: unwind as Ctrl-C does, so the
+    # .partial CSV stays and the e2e suite's temporary checkpoint (24 GB for NeMo-12B) goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if not torch.cuda.is_available():
         # Without a GPU the kernels run through the Triton interpreter, which must be chosen
         # before triton is first imported.
@@ -72,12 +77,20 @@ def _bench(args) -> int:
 
     requested = args.suite or ["gemm"]
     suites = list(bench.SUITES) if "all" in requested else list(dict.fromkeys(requested))
+    if args.model is not None:
+        if "e2e" not in suites:
+            return _error(f"MODEL ({args.model}) is for --suite e2e only")
+        try:
+            bench.e2e.model_config(args.model)
+        except ValueError as err:
+            return _error(str(err))
     failed = 0
     for suite in suites:
         start = time.perf_counter()
+        model = args.model if suite == "e2e" else None
         with bench.CsvSink(args.out, suite) as sink:
             env, rows = bench.run_suite(suite, shapes=args.shape, ms=args.m, on_rows=sink.add,
-                                        budget_s=args.budget)  # fmt: skip
+                                        budget_s=args.budget, model=model)  # fmt: skip
         stem = sink.path.removesuffix(".csv")
         written = [sink.path]
         if args.markdown:
@@ -90,11 +103,7 @@ def _bench(args) -> int:
         print(bench.format_table(env, rows))
         print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f}s -> {', '.join(written)}\n")
         # Every fp8nemo row carries its check against an fp32 reference.
-        bad = [
-            r
-            for r in rows
-            if r.impl == "fp8nemo" and not (r.rel_err is not None and r.rel_err < 0.1)
-        ]
+        bad = bench.failed_checks(suite, rows)
         if bad:
             print(
                 f"error: {len(bad)} fp8nemo rows of {suite} failed their correctness check",
@@ -277,10 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time kernels at NeMo-12B shapes beside torch baselines")
     p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="e2e: a preset or HF checkpoint folder (default: tiny on CPU, nemo-12b on a GPU)",
+    )
+    p.add_argument(
         "--suite",
         action="append",
         choices=[*SUITES, "all"],
-        help="gemm, attention, decode, rope or all (repeatable; default gemm)",
+        help="gemm, attention, decode, rope, e2e (the whole model beside HF transformers) or "
+        "all (repeatable; default gemm)",
     )
     p.add_argument(
         "--budget", type=_seconds, help="seconds per suite; later cases are listed, not run"
@@ -296,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--m",
         type=_positive_int,
         action="append",
-        help="only this size (repeatable): gemm M, attention S, decode L, rope T",
+        help="only this size (repeatable): gemm M, attention S, decode L, rope T, e2e prompt",
     )
     p.add_argument("--markdown", action="store_true", help="also write a markdown table")
     p.add_argument("--plot", action="store_true", help="also plot TFLOP/s (needs matplotlib)")
