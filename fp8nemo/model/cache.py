@@ -78,6 +78,7 @@ class Batch:
     slots: torch.Tensor | None = None  # [T] int64: b * S_max + position
     cu_seqlens: torch.Tensor | None = None  # [B + 1] int32 (packed)
     start: torch.Tensor | None = None  # [B] int32: cache length before this forward (append)
+    kv_len: int | None = None  # append: the cache slots in use after it, where the host knows
 
     @property
     def tokens(self) -> int:

@@ -182,9 +182,11 @@ class Attention(nn.Module):
             cache.v.index_put_(where, v.to(cache.dtype))
         B, S = batch.batch_size, batch.seq_len
         if batch.kind == "append":
-            # S new queries per sequence at positions start + t, over the whole cache.
-            out = self._sdpa(q.view(B, S, *q.shape[1:]), cache.k[self.layer, :B],
-                             cache.v[self.layer, :B], batch.positions.view(B, S))  # fmt: skip
+            # S new queries per sequence at positions start + t, over the cache's slots in use
+            # (all of them where the host does not know how many: a traced or captured step).
+            L = batch.kv_len or cache.max_seq_len
+            out = self._sdpa(q.view(B, S, *q.shape[1:]), cache.k[self.layer, :B, :L],
+                             cache.v[self.layer, :B, :L], batch.positions.view(B, S))  # fmt: skip
             return out.reshape(q.shape)
         if batch.kind == "packed":
             bounds = batch.cu_seqlens.tolist()
@@ -203,11 +205,31 @@ class Attention(nn.Module):
         visible = kv_pos[None, None, :] <= q_pos[:, :, None]  # [B, S, Skv]
         if self.window is not None:
             visible &= kv_pos[None, None, :] > q_pos[:, :, None] - self.window
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if q.shape[1] == 1:
+            return _decode_attention(q, k, v, visible)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=visible[:, None], enable_gqa=True,
-        )  # fmt: skip
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=visible[:, None],
+            enable_gqa=True,
+        )
         return out.transpose(1, 2)
+
+
+def _decode_attention(q, k, v, visible) -> torch.Tensor:
+    """One query per sequence as two matmuls, the query heads grouped by their KV head: on a
+    CPU, SDPA's flash kernel with a mask takes 2-4x as long for a single query (as HF's eager
+    attention does it). Softmax in fp32.
+    q: [B, 1, Hq, Dh]; k, v: [B, Skv, Hk, Dh]; visible: [B, 1, Skv] -> [B, 1, Hq, Dh]"""
+    B, _, Hq, D = q.shape
+    Hk = k.shape[2]
+    q = q.view(B, Hk, Hq // Hk, D)  # head h reads KV head h // G
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * D**-0.5  # [B, Hk, G, Skv]
+    scores = scores.float().masked_fill(~visible[:, None], float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v.transpose(1, 2))  # [B, Hk, G, Dh]
+    return out.reshape(B, 1, Hq, D)
 
 
 class FP8Attention(Attention):
@@ -404,6 +426,7 @@ class Transformer(nn.Module):
                     ).tolist()
                     _check_ids(lo, hi, self.config.vocab_size)
                     end = longest + S
+                    batch.kv_len = end
                     if end > min(cache.max_seq_len, self.max_seq_len):
                         raise ValueError(
                             f"cache seqlens + {S} new tokens reach {end}, past the cache's "
