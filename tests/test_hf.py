@@ -27,8 +27,8 @@ def models():
     return {name: hf_model(name) for name in CONFIGS}
 
 
-def ids_for(gen, batch=2, seq=40, vocab=320):
-    return torch.randint(0, vocab, (batch, seq), generator=gen)
+def ids_for(gen, batch=2, seq=40, vocab=320, device="cpu"):
+    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
 
 
 def logits(model, ids, **kwargs):
@@ -48,7 +48,7 @@ def linears(model):
 @pytest.mark.parametrize("weights", ["channel", "block"])
 def test_quantize_logits_within_the_fp8_floor(name, weights, models, gen, device):
     model = copy.deepcopy(models[name]).to(device)
-    ids = ids_for(gen).to(device)
+    ids = ids_for(gen, device=device)
     ref = logits(model, ids)
     report = hf.quantize_(model, hf.FP8Config(weights=weights))
     assert set(report.skipped) == {"lm_head"}
@@ -122,12 +122,12 @@ def test_quantize_refuses_bad_arguments():
     assert not report.quantized and "meta device" in report.skipped["up"]
 
 
-def test_unquantize_round_trip_is_exact(models, gen):
-    model = copy.deepcopy(models["nemo"])
+def test_unquantize_round_trip_is_exact(models, gen, device):
+    model = copy.deepcopy(models["nemo"]).to(device)
     hf.quantize_(model)
     codes = {n: (m.weight.clone(), m.weight_scale.clone(), m.dequantize())
              for n, m in linears(model).items() if isinstance(m, FP8Linear)}  # fmt: skip
-    ids = ids_for(gen)
+    ids = ids_for(gen, device=device)
     fp8_logits = logits(model, ids)
     assert sorted(hf.unquantize_(model)) == sorted(codes)
     for n, m in linears(model).items():
@@ -146,24 +146,26 @@ def test_unquantize_round_trip_is_exact(models, gen):
         hf.unquantize_(build_model(preset("tiny"), "reference", device="meta"))
 
 
-def test_state_dict_round_trip(models, gen):
-    model = copy.deepcopy(models["llama"])
+def test_state_dict_round_trip(models, gen, device):
+    model = copy.deepcopy(models["llama"]).to(device)
     hf.quantize_(model, hf.FP8Config(weights="tensor"))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    other = hf_model("llama", seed=1)  # other weights: everything must come from the file
+    other = hf_model("llama", seed=1).to(
+        device
+    )  # other weights: everything must come from the file
     hf.quantize_(other, hf.FP8Config(weights="tensor"))
     buffer.seek(0)
     other.load_state_dict(torch.load(buffer, weights_only=True))
-    ids = ids_for(gen)
+    ids = ids_for(gen, device=device)
     assert torch.equal(logits(other, ids), logits(model, ids))
 
 
-def test_static_activations_calibrate_each_linear(models, gen):
-    model = copy.deepcopy(models["nemo"])
-    ids = ids_for(gen)
+def test_static_activations_calibrate_each_linear(models, gen, device):
+    model = copy.deepcopy(models["nemo"]).to(device)
+    ids = ids_for(gen, device=device)
     ref = logits(model, ids)
-    calib = [ids_for(gen, batch=2, seq=24) for _ in range(2)]
+    calib = [ids_for(gen, batch=2, seq=24, device=device) for _ in range(2)]
     seen = {}
     handles = [m.register_forward_pre_hook(
         lambda mod, args, n=n: seen.__setitem__(n, max(seen.get(n, 0.0), args[0].abs().max().item()))
@@ -176,17 +178,17 @@ def test_static_activations_calibrate_each_linear(models, gen):
     report = hf.quantize_(model, hf.FP8Config(activations="static"), calibration=calib)
     for n in report.quantized:
         scale = model.get_submodule(n).input_scale
-        torch.testing.assert_close(scale, torch.tensor([seen[n] / 448]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(scale.cpu(), torch.tensor([seen[n] / 448]), rtol=1e-6, atol=0)
     assert sqnr_db(logits(model, ids), ref) > fp8_floor_db(LAYERS)
 
 
-def test_generate_on_a_quantized_model_follows_its_own_greedy_argmax(models, gen):
+def test_generate_on_a_quantized_model_follows_its_own_greedy_argmax(models, gen, device):
     """HF's cached generate on FP8 linears picks, at every step, the argmax of a full forward
     of the sequence so far: the cached path computes what the uncached one does."""
-    model = copy.deepcopy(models["nemo"]).to(torch.bfloat16)
+    model = copy.deepcopy(models["nemo"]).to(device, torch.bfloat16)
     model.set_attn_implementation("fp8nemo")
     hf.quantize_(model)
-    prompt = ids_for(gen, batch=1, seq=8)
+    prompt = ids_for(gen, batch=1, seq=8, device=device)
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=3, do_sample=False, min_new_tokens=3)
     assert out.shape == (1, 11)
@@ -198,13 +200,13 @@ def test_generate_on_a_quantized_model_follows_its_own_greedy_argmax(models, gen
         assert out[0, t] == step.argmax() or top2[0] - top2[1] < 0.05 * top2[0].abs(), t
 
 
-def test_compiled_quantized_block_matches_eager_and_opcheck_passes(models, gen):
-    model = copy.deepcopy(models["mistral"]).to(torch.bfloat16)
+def test_compiled_quantized_block_matches_eager_and_opcheck_passes(models, gen, device):
+    model = copy.deepcopy(models["mistral"]).to(device, torch.bfloat16)
     model.set_attn_implementation("fp8nemo")
     hf.quantize_(model)
     layer = model.model.layers[0]
-    x = torch.randn(1, 24, 128, generator=gen).to(torch.bfloat16)
-    pos = torch.arange(24)[None]
+    x = torch.randn(1, 24, 128, generator=gen).to(device, torch.bfloat16)
+    pos = torch.arange(24, device=device)[None]
     rope = model.model.rotary_emb(x, pos)
 
     class Record(TorchDispatchMode):
@@ -233,9 +235,9 @@ def test_compiled_quantized_block_matches_eager_and_opcheck_passes(models, gen):
 # the "fp8nemo" attention
 
 
-def attention_models(models, name):
+def attention_models(models, name, device):
     """The fp32 sdpa model (the reference) and bf16 copies on sdpa and on fp8nemo."""
-    ref = copy.deepcopy(models[name])
+    ref = copy.deepcopy(models[name]).to(device)
     ref.set_attn_implementation("sdpa")
     sdpa = copy.deepcopy(ref).to(torch.bfloat16)
     ours = copy.deepcopy(sdpa)
@@ -270,20 +272,20 @@ def assert_flash_rule(ours, sdpa, ref, what, valid=None):
 
 
 @pytest.mark.parametrize("name", ["nemo", "mistral"])  # mistral: window 40 < 56 tokens
-def test_attention_matches_sdpa_on_prefill_and_cached_decode(name, models, gen):
-    ref, sdpa, ours = attention_models(models, name)
-    ids = ids_for(gen, batch=2, seq=56)
+def test_attention_matches_sdpa_on_prefill_and_cached_decode(name, models, gen, device):
+    ref, sdpa, ours = attention_models(models, name, device)
+    ids = ids_for(gen, batch=2, seq=56, device=device)
     args = (ids, 44)
     assert_flash_rule(logits(ours, ids), logits(sdpa, ids), logits(ref, ids), f"{name} prefill")
     assert_flash_rule(cached_run(ours, *args), cached_run(sdpa, *args), cached_run(ref, *args),
                       f"{name} cached")  # fmt: skip
 
 
-def test_attention_with_left_padding(models, gen):
+def test_attention_with_left_padding(models, gen, device):
     """A left-padded batch, as generate pads it: prefill packed over the valid tokens, then
     decode with the valid keys gathered; compared where the tokens are real."""
-    ref, sdpa, ours = attention_models(models, "nemo")
-    ids = ids_for(gen, batch=3, seq=30)
+    ref, sdpa, ours = attention_models(models, "nemo", device)
+    ids = ids_for(gen, batch=3, seq=30, device=device)
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     mask[2, :1] = 0
