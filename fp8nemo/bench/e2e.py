@@ -67,7 +67,8 @@ class Sizes:
 
 GPU_SIZES = Sizes(prompts=(512, 4096), batches=(1, 16), decode_prompt=512, steps=32, repeats=2)
 # The interpreter spends ~2 s on each decode step of the tiny preset, whatever the batch.
-CPU_SIZES = Sizes(prompts=(64, 256), batches=(1, 4), decode_prompt=32, steps=6, repeats=5)
+# The torch rows' steps take milliseconds: 15 repeats steady their medians on a busy CPU.
+CPU_SIZES = Sizes(prompts=(64, 256), batches=(1, 4), decode_prompt=32, steps=6, repeats=15)
 
 
 def default_model(on_gpu: bool) -> str:

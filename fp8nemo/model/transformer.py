@@ -191,17 +191,26 @@ class Attention(nn.Module):
         if batch.kind == "packed":
             bounds = batch.cu_seqlens.tolist()
             parts = [
-                self._sdpa(q[None, a:b], k[None, a:b], v[None, a:b], batch.positions[None, a:b])[0]
+                self._sdpa(q[None, a:b], k[None, a:b], v[None, a:b])[0]
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             ]
             return torch.cat(parts) if parts else q.new_empty(q.shape)
         out = self._sdpa(q.view(B, S, *q.shape[1:]), k.view(B, S, *k.shape[1:]),
-                         v.view(B, S, *v.shape[1:]), batch.positions.view(B, S))  # fmt: skip
+                         v.view(B, S, *v.shape[1:]))  # fmt: skip
         return out.reshape(q.shape)
 
-    def _sdpa(self, q, k, v, q_pos) -> torch.Tensor:
-        # q: [B, S, Hq, Dh] at positions q_pos [B, S]; k, v: [B, Skv, Hk, Dh] at 0..Skv-1
+    def _sdpa(self, q, k, v, q_pos=None) -> torch.Tensor:
+        # q: [B, S, Hq, Dh] at positions q_pos [B, S] (None: the keys' own 0..S-1);
+        # k, v: [B, Skv, Hk, Dh] at 0..Skv-1
         kv_pos = torch.arange(k.shape[1], device=q.device)
+        if q_pos is None:
+            if self.window is None:  # plain causal: SDPA's causal kernel needs no mask
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                    enable_gqa=True,
+                )  # fmt: skip
+                return out.transpose(1, 2)
+            q_pos = kv_pos[None].expand(q.shape[0], -1)
         visible = kv_pos[None, None, :] <= q_pos[:, :, None]  # [B, S, Skv]
         if self.window is not None:
             visible &= kv_pos[None, None, :] > q_pos[:, :, None] - self.window
