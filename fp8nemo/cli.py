@@ -1,6 +1,7 @@
-"""The `fp8nemo` command: `bench` times kernels, `inspect` reports their Hopper/Ada codegen,
-`quantize` turns a 16-bit checkpoint into an FP8 one, `generate` runs a model, `tune` records
-the fastest kernel configs for a model on this GPU."""
+"""The `fp8nemo` command: `validate` reports FP8 accuracy against the reference, `bench` times
+kernels, `inspect` reports their Hopper/Ada codegen, `quantize` turns a 16-bit checkpoint into an
+FP8 one, `generate` runs a model, `tune` records the fastest kernel configs for a model on this
+GPU."""
 
 from __future__ import annotations
 
@@ -53,6 +54,67 @@ def _error(message: str) -> int:
     """One line on stderr, exit status 2: what the CLI does for any input it cannot take."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _gate(text: str):
+    from fp8nemo.validate.report import parse_gate
+
+    try:
+        return parse_gate(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _validate(args) -> int:
+    if args.interpret:
+        # The real kernels through the interpreter: chosen before triton is first imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from fp8nemo.validate import report as V
+
+    model = args.model or V.DEFAULT_MODEL
+    if args.model is None:
+        print(V.DEFAULT_MODEL_NOTE, file=sys.stderr)
+    if args.activations == "static" and args.scheme == "block":
+        return _error("--scheme block takes dynamic 1x128 activations; static is per tensor")
+    if args.calib is not None and args.activations != "static":
+        return _error("--calib applies to --activations static only")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent is not None and not os.path.isdir(parent):
+            return _error(f"{flag} {path}: the folder {parent} does not exist")
+    settings = V.Settings(
+        model=model, scheme=args.scheme, activations=args.activations, kv_cache=args.kv_cache,
+        data=args.data, calib=args.calib, max_tokens=args.max_tokens, window=args.window,
+        reference=args.reference, new_tokens=args.new_tokens, interpret=args.interpret,
+    )  # fmt: skip
+    start = time.perf_counter()
+    try:
+        report = V.run(settings, progress=sys.stderr.isatty())
+    except (ValueError, TypeError) as err:  # CheckpointError included
+        return _error(str(err))
+    except OSError as err:
+        return _error(f"{err.filename or model}: {err.strerror or err}")
+    report["wall_s"] = time.perf_counter() - start
+    print(V.format_table(report))
+    written = []
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        written.append(args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(V.format_markdown(report))
+        written.append(args.markdown)
+    if args.plot:
+        V.plot(report, args.plot)
+        written.append(args.plot)
+    print(
+        f"\nvalidated in {report['wall_s']:.0f}s" + (f" -> {', '.join(written)}" if written else "")
+    )
+    failures = V.missed(report, args.fail_under or (), args.fail_over or ())
+    for line in failures:
+        print(f"FAIL: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _bench(args) -> int:
@@ -283,6 +345,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8nemo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log tuning and setup")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="FP8 accuracy against the reference: per layer, logits, "
+                       "perplexity, generation")  # fmt: skip
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="HF checkpoint folder (16-bit: quantized with --scheme; FP8: as it is) "
+                   "or a preset (default: tiny until the built-in QAT model ships)")  # fmt: skip
+    p.add_argument("--scheme", default="channel", choices=["tensor", "channel", "block"],
+                   help="weight scales of a 16-bit MODEL")  # fmt: skip
+    p.add_argument("--activations", default="dynamic", choices=["dynamic", "static"],
+                   help="static: scales calibrated on --calib, as `fp8nemo quantize`")  # fmt: skip
+    p.add_argument("--kv-cache", default="bf16", choices=["fp8", "bf16"])
+    p.add_argument("--data", help="evaluation data: plain text (tokenized with the checkpoint's "
+                   "tokenizer.json, else UTF-8 bytes %% vocab) or input_ids in .safetensors/.pt "
+                   "(default: Python standard-library sources)")  # fmt: skip
+    p.add_argument("--calib", help="static calibration data, as --data (default: other stdlib "
+                   "sources than the evaluation's)")  # fmt: skip
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="evaluation tokens")
+    p.add_argument("--window", type=_positive_int, default=128, help="tokens per forward")
+    p.add_argument("--new-tokens", type=_positive_int, default=16, help="greedy tokens per prompt")
+    p.add_argument("--reference", help="FP8 MODEL: its 16-bit source as the reference")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--markdown", help="write the report as markdown here")
+    p.add_argument("--plot", help="write per-layer SQNR as a PNG here")
+    p.add_argument("--fail-under", type=_gate, action="append", metavar="METRIC=VALUE",
+                   help="exit 1 when METRIC is below VALUE, for higher-is-better metrics "
+                   "(top1_agreement, worst_sqnr_db, ...); repeatable")  # fmt: skip
+    p.add_argument("--fail-over", type=_gate, action="append", metavar="METRIC=VALUE",
+                   help="exit 1 when METRIC is above VALUE, for lower-is-better metrics "
+                   "(kl_mean, kl_p99, ppl_delta_pct, ...); repeatable")  # fmt: skip
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU: run the FP8 backend's Triton kernels through the interpreter "
+                   "(slower) instead of their torch emulation")  # fmt: skip
+    p.set_defaults(run=_validate)
 
     p = sub.add_parser("bench", help="time kernels at NeMo-12B shapes beside torch baselines")
     p.add_argument(
