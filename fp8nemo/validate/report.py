@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fp8nemo.model import calibrate_checkpoint, load_model
-from fp8nemo.model.config import PRESETS, preset
+from fp8nemo.model.config import PRESETS, ModelConfig, preset
 from fp8nemo.model.generate import generate
 from fp8nemo.model.text import TextCodec
 from fp8nemo.model.transformer import Block
@@ -76,8 +76,10 @@ def encode_text(text: str, codec: TextCodec, vocab_size: int) -> torch.Tensor:
     """Token ids of `text`: the checkpoint's tokenizer.json, else its UTF-8 bytes % vocab."""
     if codec.tokenizer is not None:
         return torch.tensor(codec.tokenizer.encode(text).ids, dtype=torch.long)
-    raw = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-    return raw.long() % vocab_size
+    raw = text.encode("utf-8")
+    if not raw:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() % vocab_size
 
 
 def load_tokens(path: str | None, codec: TextCodec, vocab_size: int, what: str,
@@ -88,8 +90,8 @@ def load_tokens(path: str | None, codec: TextCodec, vocab_size: int, what: str,
     elif path.endswith(ID_SUFFIXES):
         try:
             ids = load_calibration(path, vocab_size).reshape(-1)
-        except CheckpointError as err:
-            raise ValueError(f"{what} {path}: {err}") from None
+        except CheckpointError as err:  # torch.load's messages run over several lines
+            raise ValueError(f"{what}: {str(err).splitlines()[0]}") from None
     else:
         if not os.path.isfile(path):
             why = "is not a regular file" if os.path.exists(path) else "does not exist"
@@ -146,13 +148,9 @@ def _calibration_file(settings: Settings, src: str, codec, vocab_size: int, work
     return path
 
 
-def load_pair(settings: Settings, work: str, progress: bool = False):
-    """(reference model, FP8 model, codec, notes) for `settings`, reading checkpoints into
-    `work` (a scratch folder) where a preset or static calibration needs one."""
-    if settings.reference is not None and not os.path.isdir(settings.reference):
-        raise ValueError(f"--reference {settings.reference} is not a checkpoint folder")
-    src = _source(settings, work)
-    codec = TextCodec.for_model(src)
+def load_pair(settings: Settings, src: str, codec: TextCodec, work: str, progress: bool = False):
+    """(reference model, FP8 model, notes) of checkpoint `src` for `settings`, writing into
+    `work` (a scratch folder) where static calibration needs a converted checkpoint."""
     fp8_ckpt = read_checkpoint(src).format != "unquantized"
     notes = []
     fp8_src, scheme = src, settings.scheme
@@ -161,7 +159,7 @@ def load_pair(settings: Settings, work: str, progress: bool = False):
         against = settings.reference or f"{src} dequantized"
         notes.append(f"{src} is an FP8 checkpoint: its own scheme, against {against}")
     elif settings.activations == "static":
-        vocab = read_checkpoint(src).config["vocab_size"]
+        vocab = ModelConfig.from_pretrained(src).vocab_size
         calib = _calibration_file(settings, src, codec, vocab, work)
         fp8_src = os.path.join(work, "fp8")
         quantize_checkpoint(src, fp8_src, scheme=settings.scheme, activations="static",
@@ -178,7 +176,7 @@ def load_pair(settings: Settings, work: str, progress: bool = False):
             f"--reference {settings.reference} has vocab {ref.config.vocab_size}; the model "
             f"{fp8.config.vocab_size}"
         )
-    return ref.eval(), fp8.eval(), codec, notes
+    return ref.eval(), fp8.eval(), notes
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -279,9 +277,16 @@ def _versions() -> dict:
 def run(settings: Settings, progress: bool = False) -> dict:
     """The whole report of `settings` as a JSON-ready dict."""
     with tempfile.TemporaryDirectory(prefix="fp8nemo-validate-") as work:
-        ref, fp8, codec, notes = load_pair(settings, work, progress)
-        ids = load_tokens(settings.data, codec, ref.config.vocab_size, "--data")
-        wins = windows(ids, min(settings.window, ref.max_seq_len), settings.max_tokens)
+        if settings.reference is not None and not os.path.isdir(settings.reference):
+            raise ValueError(f"--reference {settings.reference} is not a checkpoint folder")
+        src = _source(settings, work)
+        codec = TextCodec.for_model(src)
+        config = ModelConfig.from_pretrained(src)
+        # The data is read before any model is: a bad file fails in a second.
+        ids = load_tokens(settings.data, codec, config.vocab_size, "--data")
+        wins = windows(ids, min(settings.window, config.max_position_embeddings),
+                       settings.max_tokens)  # fmt: skip
+        ref, fp8, notes = load_pair(settings, src, codec, work, progress)
         report = compare(ref, fp8, wins, progress)
         prompts = [w[:GEN_PROMPT_LEN].tolist() for w in wins[:GEN_PROMPTS]]
         report["generation"] = generation(ref, fp8, prompts, settings.new_tokens)
