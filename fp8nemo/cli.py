@@ -69,6 +69,9 @@ def _validate(args) -> int:
     if args.interpret:
         # The real kernels through the interpreter: chosen before triton is first imported.
         os.environ["TRITON_INTERPRET"] = "1"
+    elif not args.verbose:
+        # The torch emulation is chosen here, and the report names it: no warning per op.
+        logging.getLogger("fp8nemo").addFilter(lambda r: "torch emulation" not in r.msg)
     from fp8nemo.validate import report as V
 
     model = args.model or V.DEFAULT_MODEL

@@ -28,6 +28,7 @@ FORBIDDEN = {
     ),
     "fp8nemo.model": ("fp8nemo.validate", "fp8nemo.hf", "fp8nemo.bench", "fp8nemo.cli"),
     "fp8nemo.hf": ("fp8nemo.validate", "fp8nemo.bench", "fp8nemo.cli"),
+    "fp8nemo.validate": ("fp8nemo.hf", "fp8nemo.cli"),
 }
 
 
