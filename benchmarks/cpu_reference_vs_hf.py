@@ -13,6 +13,7 @@ import tempfile
 import torch
 
 from fp8nemo.bench import e2e
+from fp8nemo.model.loader import write_random_checkpoint
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if not os.path.isdir(path):
-            path = e2e.random_checkpoint(e2e.model_config(args.model), f"{tmp}/ckpt", cpu)
+            path = write_random_checkpoint(e2e.model_config(args.model), f"{tmp}/ckpt", cpu)
         work = argparse.Namespace(device=cpu, path=path, hf_eager=None)
         ours, hf = e2e.Fp8nemo(work, "reference"), e2e.HF(work)
         vocab = e2e.model_config(args.model).vocab_size

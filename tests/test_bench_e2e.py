@@ -10,6 +10,7 @@ import torch
 from helpers import torch_path_env
 
 from fp8nemo.bench import e2e
+from fp8nemo.model.loader import write_random_checkpoint
 
 
 def test_e2e_cli_prints_every_implementation_side_by_side_with_passing_checks(tmp_path):
@@ -71,7 +72,7 @@ def test_random_checkpoint_weights_are_lively(tmp_path):
     from safetensors.torch import load_file
 
     config = e2e.model_config("tiny")
-    path = e2e.random_checkpoint(config, str(tmp_path / "tiny"), torch.device("cpu"))
+    path = write_random_checkpoint(config, str(tmp_path / "tiny"), torch.device("cpu"))
     tensors = load_file(f"{path}/model.safetensors")
     down = tensors["model.layers.0.mlp.down_proj.weight"].float()
     assert abs(down.std().item() * config.intermediate_size**0.5 - 1) < 0.05

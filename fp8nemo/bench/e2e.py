@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from fp8nemo.model.loader import write_random_checkpoint
+
 from .harness import CORRECTNESS_ONLY, Row, case_fields, measure, rel_err
 
 REFERENCE, FP8, HF_EAGER, HF_QUANTIZED = (
@@ -141,7 +143,7 @@ class Workload:
             nbytes = checkpoint_bytes(self.config)
             self._scratch = tempfile.TemporaryDirectory(prefix="fp8nemo-e2e-",
                                                         dir=_scratch_parent(nbytes))  # fmt: skip
-            random_checkpoint(self.config, os.path.join(self._scratch.name, self.model),
+            write_random_checkpoint(self.config, os.path.join(self._scratch.name, self.model),
                               self.device)  # fmt: skip
         return os.path.join(self._scratch.name, self.model)
 
@@ -197,33 +199,6 @@ def _scratch_parent(nbytes: int) -> str | None:
     if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.5 * nbytes:
         return shm
     return None
-
-
-def random_checkpoint(config, dst: str, device: torch.device, seed: int = 0) -> str:
-    """`config` written to `dst` as a bf16 HF checkpoint with seeded random weights, made on
-    `device` one tensor at a time (NeMo-12B's take seconds on a GPU). Linears and a tied
-    embedding N(0, 1/fan_in), an untied embedding N(0, 1), norms 1 + N(0, 0.1^2): lively logits;
-    HF's N(0, 0.02) makes them nearly uniform, where greedy tokens tie."""
-    from fp8nemo.model import build_model
-    from fp8nemo.quant.files import CheckpointWriter
-
-    shapes = build_model(config, "reference", dtype=torch.bfloat16, device="meta").state_dict()
-    tied = config.tie_word_embeddings
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with CheckpointWriter(dst) as out:
-        for name, meta in shapes.items():
-            if name == "lm_head.weight" and tied:
-                continue
-            t = torch.empty(meta.shape, device=device)
-            if name.endswith("norm.weight"):
-                t.normal_(1.0, 0.1, generator=gen)
-            elif name.endswith("embed_tokens.weight") and not tied:
-                t.normal_(0.0, 1.0, generator=gen)
-            else:
-                t.normal_(0.0, meta.shape[1] ** -0.5, generator=gen)
-            out.add(name, t.to(torch.bfloat16))
-            del t
-        return out.finish(config.to_hf())
 
 
 # --- the implementations ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from fp8nemo import fp8
 from fp8nemo.quant.calibrate import calibrate_weight
 from fp8nemo.quant.checkpoint import read_checkpoint
-from fp8nemo.quant.files import CheckpointError
+from fp8nemo.quant.files import CheckpointError, CheckpointWriter
 from fp8nemo.utils import progress as show_progress
 
 from .cache import CACHE_DTYPES
@@ -264,3 +264,27 @@ def _random_model(config, backend, dtype, device, scheme, kv_cache_dtype, max_se
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
     return model
+
+
+def write_random_checkpoint(config, dst: str, device: torch.device, seed: int = 0) -> str:
+    """`config` written to `dst` as a bf16 HF checkpoint with seeded random weights, made on
+    `device` one tensor at a time (NeMo-12B's take seconds on a GPU). Linears and a tied
+    embedding N(0, 1/fan_in), an untied embedding N(0, 1), norms 1 + N(0, 0.1^2): lively logits;
+    HF's N(0, 0.02) makes them nearly uniform, where greedy tokens tie."""
+    shapes = build_model(config, "reference", dtype=torch.bfloat16, device="meta").state_dict()
+    tied = config.tie_word_embeddings
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with CheckpointWriter(dst) as out:
+        for name, meta in shapes.items():
+            if name == "lm_head.weight" and tied:
+                continue
+            t = torch.empty(meta.shape, device=device)
+            if name.endswith("norm.weight"):
+                t.normal_(1.0, 0.1, generator=gen)
+            elif name.endswith("embed_tokens.weight") and not tied:
+                t.normal_(0.0, 1.0, generator=gen)
+            else:
+                t.normal_(0.0, meta.shape[1] ** -0.5, generator=gen)
+            out.add(name, t.to(torch.bfloat16))
+            del t
+        return out.finish(config.to_hf())

@@ -16,6 +16,7 @@ import torch
 from fp8nemo.model import calibrate_checkpoint, load_model
 from fp8nemo.model.config import PRESETS, ModelConfig, preset
 from fp8nemo.model.generate import generate
+from fp8nemo.model.loader import write_random_checkpoint
 from fp8nemo.model.text import TextCodec
 from fp8nemo.model.transformer import Block
 from fp8nemo.quant.checkpoint import read_checkpoint
@@ -128,9 +129,8 @@ def _source(settings: Settings, work: str) -> str:
             f"MODEL {settings.model} is neither a checkpoint folder nor a preset "
             f"({', '.join(sorted(PRESETS))})"
         )
-    from fp8nemo.bench.e2e import random_checkpoint
 
-    return random_checkpoint(preset(settings.model), os.path.join(work, "preset"), "cpu")
+    return write_random_checkpoint(preset(settings.model), os.path.join(work, "preset"), "cpu")
 
 
 def _calibration_file(settings: Settings, src: str, codec, vocab_size: int, work: str) -> str:
