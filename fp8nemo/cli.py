@@ -14,7 +14,7 @@ import sys
 import time
 
 # fp8nemo.bench's suites and GEMM layers, spelled here so --help needs no torch import
-SUITES = ("gemm", "attention", "decode", "rope", "e2e")
+SUITES = ("gemm", "attention", "decode", "rope", "e2e", "quantize")
 NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
 
 
@@ -143,8 +143,8 @@ def _bench(args) -> int:
     requested = args.suite or ["gemm"]
     suites = list(bench.SUITES) if "all" in requested else list(dict.fromkeys(requested))
     if args.model is not None:
-        if "e2e" not in suites:
-            return _error(f"MODEL ({args.model}) is for --suite e2e only")
+        if not set(suites) & {"e2e", "quantize"}:
+            return _error(f"MODEL ({args.model}) is for --suite e2e or quantize only")
         try:
             bench.e2e.model_config(args.model)
         except ValueError as err:
@@ -152,7 +152,7 @@ def _bench(args) -> int:
     failed = 0
     for suite in suites:
         start = time.perf_counter()
-        model = args.model if suite == "e2e" else None
+        model = args.model if suite in ("e2e", "quantize") else None
         with bench.CsvSink(args.out, suite) as sink:
             env, rows = bench.run_suite(suite, shapes=args.shape, ms=args.m, on_rows=sink.add,
                                         budget_s=args.budget, model=model)  # fmt: skip

@@ -159,6 +159,93 @@ def test_grid_search_is_cheap_off_the_grid(kind, granularity, gen, monkeypatch):
     assert sum(seen) <= 4 * w.numel()
 
 
+def _cast_elements(monkeypatch):
+    """A list that collects the element count of every saturating cast."""
+    cast, seen = fp8.saturating_cast, []
+    monkeypatch.setattr(fp8, "saturating_cast", lambda x, *a: seen.append(x.numel()) or cast(x, *a))
+    return seen
+
+
+@pytest.mark.parametrize("top", [448.0, 240.0, 26.0, 7.0, 0.5, 2**-6])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_grids_with_any_top_code_convert_exactly(top, granularity, dtype, gen):
+    """The largest code of a group is whatever the grid's scale made it, not only 448."""
+    codes = FINITE[FINITE.float().abs() <= top]
+    c = codes[torch.randint(0, len(codes), (200, 300), generator=gen)]
+    c[:, ::128] = torch.tensor(top).to(E4M3)  # every row and block holds the top code
+    scale = torch.rand(fp8.scale_shape(c.shape, granularity), generator=gen) * 0.01 + 1e-4
+    w = fp8.dequantize(c, scale, granularity).to(dtype)
+    q = calibrate_weight(w, granularity)
+    assert q.on_grid and q.method == "grid"
+    assert torch.equal(fp8.dequantize(q.w_fp8, q.scale, granularity).to(dtype), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_blocks_off_the_grid_leave_the_others_exact(dtype, gen):
+    w = on_grid((384, 512), "block", dtype, gen)
+    off = [(0, 1), (2, 3), (1, 0)]
+    for i, j in off:
+        w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = randn(128, 128, gen=gen, dtype=dtype)
+    q = calibrate_weight(w, "block")
+    want = torch.ones(3, 4, dtype=torch.bool)
+    for i, j in off:
+        want[i, j] = False
+    assert not q.on_grid and q.grid_fraction == 9 / 12
+    deq = fp8.dequantize(q.w_fp8, q.scale, "block").to(dtype)
+    exact = fp8.groups(deq == w, "block").all(-1)
+    assert torch.equal(exact, want)
+    absmax = fp8.scale_from_amax(fp8.amax(w, "block"))
+    assert torch.equal(q.scale[~want], absmax[~want])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_a_power_of_two_grid_gives_its_scale_exactly(granularity, dtype, gen):
+    """Codes times 2^-7 are exact in 16 bits: the scale is 2^-7 itself, not the midpoint of the
+    scales that round to the same weights, and the conversion has no error at all."""
+    c = FINITE[torch.randint(0, len(FINITE), (256, 384), generator=gen)]
+    c[:, ::128] = torch.tensor(448.0).to(E4M3)
+    w = (c.float() * 2**-7).to(dtype)
+    q = calibrate_weight(w, granularity)
+    assert q.on_grid and torch.all(q.scale == 2**-7)
+    assert q.max_abs_err == 0.0 and q.sqnr_db == float("inf")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weights_of_99_percent_zeros_are_cheap_and_right(granularity, dtype, gen, monkeypatch):
+    """A few nonzero elements per group: on no grid they get absmax scales after about one
+    pass; on a grid they convert exactly."""
+    keep = torch.rand(512, 2048, generator=gen) < 0.01
+    gauss = randn(512, 2048, gen=gen, dtype=dtype, scale=0.02) * keep
+    seen = _cast_elements(monkeypatch)
+    q = calibrate_weight(gauss, granularity)
+    assert sum(seen) <= 2 * gauss.numel()
+    assert not q.on_grid and q.method == "absmax"
+    want, want_scale = fp8.quantize(gauss, granularity)
+    assert torch.equal(q.w_fp8.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(q.scale, want_scale)
+    keep[:, ::128] = True  # no all-zero group
+    c = FINITE[torch.randint(0, len(FINITE), keep.shape, generator=gen)].float() * keep
+    scale = torch.rand(fp8.scale_shape(keep.shape, granularity), generator=gen) * 0.01 + 1e-4
+    grid = fp8.dequantize(c.to(E4M3), scale, granularity).to(dtype)
+    q = calibrate_weight(grid, granularity)
+    assert q.on_grid
+    assert torch.equal(fp8.dequantize(q.w_fp8, q.scale, granularity).to(dtype), grid)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gaussian_weights_cost_about_one_pass(granularity, dtype, gen, monkeypatch):
+    """The reject test rejects trained-like weights on a sample: one cast to quantize, a few
+    sampled elements per group for the grid search."""
+    w = randn(512, 4096, gen=gen, dtype=dtype, scale=0.02)
+    seen = _cast_elements(monkeypatch)
+    assert not calibrate_weight(w, granularity).on_grid
+    assert sum(seen) <= 1.2 * w.numel()
+
+
 def test_quantize_weight_returns_codes_and_scales(gen):
     w = randn(48, 64, gen=gen, dtype=torch.bfloat16)
     w_fp8, scale = quantize_weight(w, "channel")

@@ -19,7 +19,8 @@ from fp8nemo.utils import progress
 # Suites by name; each is the module fp8nemo.bench.<name> with `cases(on_gpu, shapes, ms)`,
 # which lists its cases, and `run_case(env, device, *case)`, which returns one case's rows; it
 # may define `passed(row)`, its own correctness rule.
-SUITES = ("gemm", "attention", "decode", "rope", "e2e")
+SUITES = ("gemm", "attention", "decode", "rope", "e2e", "quantize")
+MODEL_SUITES = ("e2e", "quantize")  # the suites that take a checkpoint or preset
 # Dense tensor-core peaks from the vendors' datasheets, TFLOP/s (fp8, bf16): the roofline's
 # compute ceiling. Memory bandwidth is measured at the start of each GPU run instead.
 DATASHEET_PEAKS = {
@@ -195,8 +196,10 @@ def run_suite(
     from fp8nemo.kernels import value_checks
 
     module = suite_module(suite)
-    if model is not None and suite != "e2e":
-        raise ValueError(f"model applies to the e2e suite only; got it for {suite!r}")
+    if model is not None and suite not in MODEL_SUITES:
+        raise ValueError(
+            f"model applies to the {' and '.join(MODEL_SUITES)} suites only; got it for {suite!r}"
+        )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     if env.on_gpu:

@@ -25,9 +25,11 @@ CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(1, 26))  # 0.98 ... 
 # they decide what a clip costs) and a random sample of at most SAMPLE_SIZE of the rest.
 SAMPLE_SIZE = 1 << 20
 TAIL_SIZE = 1 << 14
-# Elements per scale group (a random sample, then more of it) on which the grid search tries a
-# code before it tries the whole group: a few reject most off-grid groups at once.
-GRID_SAMPLES = (32, 512)
+# The grid search tests every code on the GRID_SAMPLE largest magnitudes of GRID_DRAW random
+# elements per scale group before it tries a whole group with a code the sample allows.
+GRID_DRAW, GRID_SAMPLE = 1024, 32
+# Elements per row chunk of a weight: temporaries stay a few chunks, not a few weights.
+CHUNK = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,15 +82,6 @@ def _groups(x: torch.Tensor, granularity: str) -> torch.Tensor:
     return fp8.groups(x, granularity).flatten(0, -2)
 
 
-def _ungroup(g: torch.Tensor, granularity: str, shape) -> torch.Tensor:
-    if granularity in ("tensor", "channel"):
-        return g.reshape(shape)
-    n, k = shape
-    nb, kb = math.ceil(n / fp8.BLOCK), math.ceil(k / fp8.BLOCK)
-    blocks = g.reshape(nb, kb, fp8.BLOCK, fp8.BLOCK).transpose(1, 2)
-    return blocks.reshape(nb * fp8.BLOCK, kb * fp8.BLOCK)[:n, :k]
-
-
 # Positive finite e4m3 values, largest first: the code a group's largest element may carry.
 _E4M3_POSITIVE = (
     torch.arange(1, 127, dtype=torch.int32).to(torch.uint8).view(fp8.E4M3).float().flip(0)
@@ -105,86 +98,158 @@ def _random_indices(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(n, (k,), generator=gen)
 
 
-def _scale_bounds(g: torch.Tensor, codes: torch.Tensor):
-    """Per row, the interval [lo, hi] of scales s with `(codes * s).to(g.dtype) == g`: each
-    element allows s within the reals that round to it (half an ulp each way), and the row
-    allows where those meet (lo > hi: nowhere). A row's bounds are a max and a min over its
-    elements, so a subset of them never meets where the whole row does."""
-    work = torch.float32 if g.element_size() <= 2 else torch.float64
-    x, c = g.to(work), codes.to(work)
-    up = torch.nextafter(g, torch.full_like(g, math.inf)).to(work)
-    down = torch.nextafter(g, torch.full_like(g, -math.inf)).to(work)
+def _row_chunks(w: torch.Tensor, granularity: str):
+    """Slices of w's rows, about CHUNK elements each and whole 128-row blocks, with the slice of
+    the per-group scales `[groups, 1]` (or `[N/128, K/128]`) that covers them."""
+    n, k = w.shape
+    rows = max(fp8.BLOCK, CHUNK // max(k, 1) // fp8.BLOCK * fp8.BLOCK)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        if granularity == "tensor":
+            groups = slice(0, 1)
+        elif granularity == "channel":
+            groups = slice(r0, r1)
+        else:
+            groups = slice(r0 // fp8.BLOCK, math.ceil(r1 / fp8.BLOCK))
+        yield slice(r0, r1), groups
+
+
+def _group_amax(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    """fp32 absmax per scale group, shaped like the scales, in row chunks (w's own dtype: a max
+    is exact in it)."""
+    chunks = _row_chunks(w, granularity)
+    parts = [fp8.groups(w[rows].abs(), granularity).amax(-1) for rows, _ in chunks]
+    if granularity == "tensor":
+        return torch.stack(parts).amax(0).float()
+    return torch.cat(parts).float()
+
+
+def _scale_bounds(x: torch.Tensor, codes: torch.Tensor, work: torch.dtype):
+    """Along the last axis, the interval [lo, hi] of scales s with `(codes * s).to(x.dtype) ==
+    x`: each element allows s within the reals that round to it (half an ulp each way), and
+    together they allow where those meet (lo > hi: nowhere). The bounds are a max and a min
+    over the elements, so a subset of them never meets where all of them do not."""
+    up = torch.nextafter(x, torch.full_like(x, math.inf)).to(work)
+    down = torch.nextafter(x, torch.full_like(x, -math.inf)).to(work)
+    xw, c = x.to(work), codes.to(work)
     nonzero = c != 0
     safe_c = torch.where(nonzero, c, 1.0)
-    a, b = (x + down) / 2 / safe_c, (x + up) / 2 / safe_c
-    lo = torch.where(nonzero, torch.minimum(a, b), -math.inf).amax(1)
-    hi = torch.where(nonzero, torch.maximum(a, b), math.inf).amin(1)
+    a, b = (xw + down) / 2 / safe_c, (xw + up) / 2 / safe_c
+    # A nonzero element on code 0 fits no scale.
+    lo = torch.where(nonzero, torch.minimum(a, b), torch.where(xw == 0, -math.inf, math.inf))
+    lo = lo.amax(-1)
+    hi = torch.where(nonzero, torch.maximum(a, b), math.inf).amin(-1)
     return lo, hi
+
+
+def _simplest_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per element, the fp32 in [lo, hi] (positive, float64) with the fewest mantissa bits: a
+    power of two where the interval holds one. Where the interval holds no fp32, NaN.
+    Positive floats order as their bit patterns do, so this is the number in the integer
+    interval [a, b] with the most trailing zero bits: b with every bit below the highest one
+    where a and b differ cleared."""
+    a, b = lo.float(), hi.float()
+    a = torch.where(a.double() < lo, torch.nextafter(a, torch.full_like(a, math.inf)), a)
+    b = torch.where(b.double() > hi, torch.nextafter(b, torch.full_like(b, -math.inf)), b)
+    ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
+    diff = (ia ^ ib).double()
+    bits = torch.where(diff > 0, diff.log2().floor(), 0).long()
+    simplest = (ib >> bits << bits).int().view(torch.float32)
+    return torch.where((a <= b) & (a > 0) & torch.isfinite(b), simplest, math.nan)
 
 
 def _fit_scale(g: torch.Tensor, codes: torch.Tensor):
     """Per row, an fp32 scale s with `(codes * s).to(g.dtype) == g` exactly, if one exists:
-    the midpoint of `_scale_bounds`, verified. Returns (s, ok).
-    For 16-bit weights fp32 holds the midpoints exactly and rounds the bounds far below their
-    width (fp32 weights need fp64); the verification has the last word."""
-    lo, hi = _scale_bounds(g, codes)
-    s = ((lo + hi) / 2).float()
-    s = torch.where(torch.isfinite(s) & (s > 0), s, 1.0)
-    exact = ((codes.float() * s[:, None]).to(g.dtype) == g).all(1)
-    return s, (lo <= hi) & exact
+    of the scales `_scale_bounds` allows (in fp64, close to exact), the one with the fewest
+    mantissa bits (a power-of-two grid comes back as that power of two), else the midpoint;
+    verified, as the two roundings (fp32 product, then g.dtype) have the last word.
+    Returns (s, ok)."""
+    lo, hi = _scale_bounds(g, codes, torch.float64)
+    cf = codes.float()
+    best = torch.ones(g.shape[0])
+    ok = torch.zeros(g.shape[0], dtype=torch.bool)
+    for s in (_simplest_scale(lo, hi), ((lo + hi) / 2).float()):
+        s = torch.where(torch.isfinite(s) & (s > 0), s, 1.0)
+        exact = (lo <= hi) & ~ok & ((cf * s[:, None]).to(g.dtype) == g).all(1)
+        best, ok = torch.where(exact, s, best), ok | exact
+    return best, ok
 
 
-def _few_magnitudes(g: torch.Tensor) -> torch.Tensor:
-    """Per row: whether it holds no more distinct magnitudes than e4m3 has values (a necessary
-    condition for a grid, cheap to test on a sample)."""
-    mags = g.abs().sort(1).values
-    distinct = 1 + (mags[:, 1:] != mags[:, :-1]).sum(1)
-    return distinct <= _E4M3_POSITIVE.numel() + 1
-
-
-def grid_scale(w: torch.Tensor, granularity: str):
-    """Recover the FP8 grid a weight lies on, as quantisation-aware training leaves it: per scale
-    group, the fp32 scale s and e4m3 codes with `(codes * s).to(w.dtype) == w` exactly.
-
-    Returns (codes, scale, on_grid) with on_grid per group. The group's largest element carries
-    the largest code c (448 after QAT with amax scales; any code for other grids), so the codes
-    are read off `w / (amax / c)`: a 16-bit checkpoint moves the true scale by far less than
-    e4m3's spacing. c = 448 is tried on whole groups. The other codes are tried on random
-    samples of each group (GRID_SAMPLES elements), and on the whole group only where the sample
-    fits, so a code costs O(32) per off-grid group, not O(group). Groups whose sample holds more
-    distinct magnitudes than e4m3 has values are off any grid and are not searched further.
-    """
-    g = _groups(w, granularity)
-    amax = g.abs().amax(1).float()
-    scale = torch.zeros(g.shape[0])
-    codes = torch.zeros(g.shape, dtype=fp8.E4M3)
-    on = torch.zeros(g.shape[0], dtype=torch.bool)
-
-    def codes_for(x, rows, c):
-        return fp8.saturating_cast(x[rows].float() / (amax[rows] / c)[:, None])
-
-    def fit(rows, c):
-        cand = codes_for(g, rows, c)
-        s, ok = _fit_scale(g[rows], cand)
-        hit = rows[ok]
-        scale[hit], codes[hit], on[hit] = s[ok], cand[ok], True
-
-    fit((amax > 0).nonzero().flatten(), fp8.E4M3_MAX)  # QAT with amax scales: the usual case
-    sample = g[:, _random_indices(g.shape[1], GRID_SAMPLES[-1])]
-    todo = (amax > 0) & ~on & _few_magnitudes(sample)
-    for c in _E4M3_POSITIVE[1:].tolist():
-        rows = todo.nonzero().flatten()
-        if rows.numel() == 0:
+def _candidate_codes(sample: torch.Tensor, amax: torch.Tensor, work: torch.dtype):
+    """[groups, 126]: whether a grid with the group's amax on code c (each of _E4M3_POSITIVE)
+    fits the group's sampled magnitudes `sample` [groups, m], a necessary condition for the
+    whole group. The first element or two reject nearly every (group, code) of a weight on no
+    grid (each lands within 16-bit rounding of an e4m3 code by chance about 1 time in 16), so
+    the rest of the sample is tried on the survivors only."""
+    codes = _E4M3_POSITIVE
+    alive = torch.ones(sample.shape[0], codes.numel(), dtype=torch.bool)
+    lo = torch.zeros(alive.shape, dtype=work)
+    hi = torch.full(alive.shape, math.inf, dtype=work)
+    x = torch.cat((amax.to(sample.dtype)[:, None], sample), 1)
+    start = 0
+    for stop in (min(x.shape[1], 2), min(x.shape[1], 6), x.shape[1]):
+        if start >= stop:
             break
-        for n in GRID_SAMPLES:  # the sample's intervals must meet where the group's do
-            lo, hi = _scale_bounds(sample[rows, :n], codes_for(sample[:, :n], rows, c))
-            rows = rows[lo <= hi]
-        fit(rows, c)
-        todo &= ~on
-    zero_rows = amax == 0  # an all-zero group is on every grid: codes 0, any scale
-    scale[zero_rows], on[zero_rows] = fp8.scale_from_amax(amax[zero_rows]), True
+        gi, ci = alive.nonzero(as_tuple=True)
+        part = x[gi, start:stop]  # [pairs, m]
+        c = fp8.saturating_cast(part.float() / (amax[gi] / codes[ci])[:, None])
+        part_lo, part_hi = _scale_bounds(part, c, work)
+        lo[gi, ci] = torch.maximum(lo[gi, ci], part_lo)
+        hi[gi, ci] = torch.minimum(hi[gi, ci], part_hi)
+        # A little slack: this only filters, and the bounds are rounded in `work`.
+        alive &= lo * (1 - 2**-20) <= hi * (1 + 2**-20)
+        start = stop
+    return alive
+
+
+def grid_scale(w: torch.Tensor, granularity: str, amax: torch.Tensor | None = None):
+    """Recover the FP8 grid a weight lies on, as quantisation-aware training leaves it: per scale
+    group, the fp32 scale s with `(codes * s).to(w.dtype) == w` exactly for e4m3 codes.
+
+    Returns (scale, on_grid) shaped like the scales (scale is meaningless off the grid). The
+    group's largest element carries the largest code c (448 after QAT with amax scales; any
+    code for other grids), so the codes are read off `w / (amax / c)`: 16-bit rounding moves
+    the true scale by far less than e4m3's spacing. Every c is tried at once on a random sample
+    of each group's nonzero magnitudes (`_candidate_codes`), and the whole group is fitted only
+    for the codes its sample allows: a weight on no grid costs a sample, not a pass per code.
+    """
+    if amax is None:
+        amax = _group_amax(w, granularity)
+    amax = amax.flatten()
+    work = torch.float32 if w.element_size() <= 2 else torch.float64
+    # The sample: the GRID_SAMPLE largest magnitudes of GRID_DRAW random elements per group,
+    # so that a mostly-zero group still gives nonzero elements to test.
+    g = _groups(w, granularity)
+    drawn = g[:, _random_indices(g.shape[1], GRID_DRAW)].abs()
+    sample = drawn.topk(min(GRID_SAMPLE, drawn.shape[1]), 1, sorted=False).values
+    scale = torch.ones(g.shape[0])
+    on = amax == 0  # an all-zero group is on every grid: codes 0, any scale
+    scale[on] = fp8.scale_from_amax(amax[on])
+    live = ~on & (amax > 0)
+    alive = torch.zeros(g.shape[0], _E4M3_POSITIVE.numel(), dtype=torch.bool)
+    rows = live.nonzero().flatten()
+    for part in rows.split(max(1, CHUNK // (GRID_SAMPLE * 32))):
+        alive[part] = _candidate_codes(sample[part], amax[part], work)
+    for j, c in enumerate(_E4M3_POSITIVE.tolist()):  # largest code first
+        rows = (alive[:, j] & ~on).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        for part in rows.split(max(1, CHUNK // g.shape[1])):
+            sub = g[part]
+            codes = fp8.saturating_cast(sub.float() / (amax[part] / c)[:, None])
+            s, ok = _fit_scale(sub, codes)
+            scale[part[ok]], on[part[ok]] = s[ok], True
     shape = fp8.scale_shape(w.shape, granularity)
-    return _ungroup(codes, granularity, w.shape), scale.reshape(shape), on.reshape(shape)
+    return scale.reshape(shape), on.reshape(shape)
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    finite = torch.isfinite(w)
+    first = tuple((~finite).nonzero()[0].tolist())
+    raise ValueError(
+        f"w holds {int((~finite).sum())} NaN/inf values (an amax over them gives a NaN or "
+        f"inf scale); the first is {w[first].item()} at index {first}"
+    )
 
 
 def calibrate_weight(
@@ -194,7 +259,7 @@ def calibrate_weight(
 
     Groups already on an FP8 grid keep their exact scale (the conversion reproduces the
     checkpoint's 16-bit values); the others get `method`'s scale: absmax, or the MSE-optimal
-    clipping ratio.
+    clipping ratio. Works in row chunks: beside w and its codes, memory holds a few chunks.
     """
     if granularity not in fp8.WEIGHT_GRANULARITIES:
         raise ValueError(
@@ -206,28 +271,30 @@ def calibrate_weight(
         raise ValueError(f"w must be a 2-D float tensor [N, K]; got {getattr(w, 'shape', type(w))}")
     if w.numel() == 0:
         raise ValueError(f"w is empty: shape {list(w.shape)}")
-    finite = torch.isfinite(w)
-    if not finite.all():
-        first = tuple((~finite).nonzero()[0].tolist())
-        raise ValueError(
-            f"w holds {int((~finite).sum())} NaN/inf values (an amax over them gives a NaN or "
-            f"inf scale); the first is {w[first].item()} at index {first}"
-        )
-    codes, grid, on_grid = grid_scale(w, granularity)
+    amax = _group_amax(w, granularity)
+    if not torch.isfinite(amax).all():  # NaN propagates through the max, inf is the max
+        _check_finite(w)
+    grid, on_grid = grid_scale(w, granularity, amax)
     if method == "mse" and not on_grid.all():
         scale = mse_scale(w, granularity)
     else:
-        scale = fp8.scale_from_amax(fp8.amax(w, granularity))
+        scale = fp8.scale_from_amax(amax)
     scale = torch.where(on_grid, grid, scale)
-    w_fp8, _ = fp8.quantize(w, granularity, scale)
-    on_elems = fp8.expand_scale(on_grid, w.shape, granularity).bool()
-    w_fp8 = torch.where(on_elems, codes, w_fp8)
-    # The conversion's error as the FP8 GEMM sees it: codes times scales in fp32. (On a grid
-    # that is w's own 16-bit rounding: the dequantized weight rounds back to w exactly.)
-    deq = fp8.dequantize(w_fp8, scale, granularity).double()
-    ref = w.double()
-    noise = (deq - ref).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    # Quantize, and measure the error as the FP8 GEMM sees it (codes times scales in fp32; on a
+    # grid that is w's own 16-bit rounding: the dequantized weight rounds back to w exactly).
+    w_fp8 = torch.empty(w.shape, dtype=fp8.E4M3)
+    noise = signal = max_err = 0.0
+    for rows, groups in _row_chunks(w, granularity):
+        x = w[rows].float()
+        s = fp8.expand_scale(scale[groups], x.shape, granularity)
+        q = fp8.saturating_cast(x / s)
+        w_fp8[rows] = q
+        deq = q.float().mul_(s)
+        err = deq.sub_(x)  # exact in fp32 where deq and x are close (Sterbenz)
+        lo, hi = err.aminmax()
+        max_err = max(max_err, -lo.item(), hi.item())
+        noise += err.square_().sum(dtype=torch.float64).item()
+        signal += (x * x).sum(dtype=torch.float64).item()  # x may be w itself (fp32)
     sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
     return WeightQuant(
         w_fp8=w_fp8,
@@ -237,7 +304,7 @@ def calibrate_weight(
         on_grid=bool(on_grid.all()),
         grid_fraction=float(on_grid.double().mean()),
         sqnr_db=sqnr,
-        max_abs_err=float((deq - ref).abs().max()) if w.numel() else 0.0,
+        max_abs_err=max_err,
     )
 
 
