@@ -84,15 +84,14 @@ class Workload:
             import torch
 
             from fp8nemo.model import preset
-
-            from .e2e import random_checkpoint
+            from fp8nemo.model.loader import write_random_checkpoint
 
             config = preset(self.model)
             layers = min(self.layers, config.num_hidden_layers)
             config = dataclasses.replace(config, num_hidden_layers=layers, vocab_size=1024)
             self._tmp = tempfile.TemporaryDirectory(prefix="fp8nemo-bench-quantize-")
-            self._path = random_checkpoint(config, os.path.join(self._tmp.name, "src"),
-                                           torch.device("cpu"))  # fmt: skip
+            self._path = write_random_checkpoint(config, os.path.join(self._tmp.name, "src"),
+                                                 torch.device("cpu"))  # fmt: skip
         return self._path
 
     def linear_bytes(self) -> int:
