@@ -275,7 +275,9 @@ def quantize_checkpoint(
                     f"calibration found no nn.Linear for {', '.join(missing[:4])}"
                     f"{' ...' if len(missing) > 4 else ''}: no static input scale for them"
                 )
-        for name in show_progress(names, "quantize", "tensor", progress):
+        for i, name in enumerate(show_progress(names, "quantize", "tensor", progress)):
+            if i + 1 < len(names):  # the disk reads the next tensor while this one converts
+                source.prefetch(names[i + 1])
             tensor = source[name]
             if name not in weights:
                 out.add(name, tensor)
@@ -285,10 +287,12 @@ def quantize_checkpoint(
                 q = calibrate_weight(tensor, scheme, method)
             except ValueError as err:
                 raise CheckpointError(f"{name}: {err}") from None
+            del tensor
+            source.release(name)  # its pages: the 16-bit weight is never held beside the rest
             layer = FP8Weight(q.w_fp8, q.scale, scheme, input_scales.get(module))
             for item in format_tensors(format, module, layer):
                 out.add(*item)
-            reports.append(LayerReport(module, tuple(tensor.shape), scheme, q.method, q.on_grid,
+            reports.append(LayerReport(module, tuple(q.w_fp8.shape), scheme, q.method, q.on_grid,
                                        q.grid_fraction, q.sqnr_db, q.max_abs_err))  # fmt: skip
         for attention, scales in kv_scales.items():
             for item in kv_tensors(format, attention, scales):

@@ -167,6 +167,7 @@ def _naturals(value, length: int | None = None) -> bool:
 
 
 PAGE = mmap.PAGESIZE
+MADV_WILLNEED = 3  # Linux: start reading the pages in now (asynchronous readahead)
 MADV_DONTNEED = 4  # Linux: private clean pages are dropped, refilled from the file on access
 
 
@@ -320,11 +321,24 @@ class TensorSource:
         later read maps them from the file again): for a loader that has converted the tensor
         into another one and keeps no view of it, so the checkpoint is never held twice. Only
         whole pages inside the tensor's bytes go; where the OS has no madvise it does nothing."""
+        self._advise(name, MADV_DONTNEED, inner=True)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the OS to start reading tensor `name` from disk now, in the background, so that
+        a converter's next tensor arrives while it works on this one."""
+        self._advise(name, MADV_WILLNEED, inner=False)
+
+    def _advise(self, name: str, advice: int, inner: bool) -> None:
+        """madvise the pages of tensor `name`: only those wholly inside its bytes (`inner`,
+        for dropping) or every page it touches."""
         file, _, _, begin, end = self._entries[name]
         base = self._maps[file].data_ptr()
-        first, last = -(-(base + begin) // PAGE) * PAGE, (base + end) // PAGE * PAGE
+        if inner:
+            first, last = -(-(base + begin) // PAGE) * PAGE, (base + end) // PAGE * PAGE
+        else:
+            first, last = (base + begin) // PAGE * PAGE, -(-(base + end) // PAGE) * PAGE
         if last > first and _MADVISE is not None:
-            _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+            _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
 
     def shard_of(self, name: str) -> str:
         """The shard file name that holds tensor `name`."""
