@@ -58,15 +58,19 @@ def _metric(suite: str) -> str:
     return METRICS.get(suite, "tflops")
 
 
-def _e2e(rows: list[Row]) -> bool:
-    return bool(rows) and rows[0].suite == "e2e"
+def _own_tables(rows: list[Row]):
+    """The suite module that prints its rows its own way (e2e, quantize), else None."""
+    if rows and rows[0].suite in ("e2e", "quantize"):
+        import importlib
+
+        return importlib.import_module(f"{__package__}.{rows[0].suite}")
+    return None
 
 
 def format_table(env: Environment, rows: list[Row]) -> str:
-    if _e2e(rows):  # the whole model's rows, side by side, with the ratios
-        from . import e2e
-
-        return e2e.format_table(env, rows)
+    suite = _own_tables(rows)
+    if suite is not None:  # e2e: the whole model side by side; quantize: MB/s beside the floor
+        return suite.format_table(env, rows)
     head = f"{env.device} (cc {env.capability}), torch {env.torch}, triton {env.triton}, {env.date}"
     if env.on_gpu:
         head += f", copy {env.copy_gbps:.0f} GB/s"
@@ -90,10 +94,9 @@ def format_table(env: Environment, rows: list[Row]) -> str:
 
 
 def format_markdown(env: Environment, rows: list[Row]) -> str:
-    if _e2e(rows):
-        from . import e2e
-
-        return e2e.format_markdown(env, rows)
+    suite = _own_tables(rows)
+    if suite is not None:
+        return suite.format_markdown(env, rows)
     lines = [
         f"**{env.device}** (cc {env.capability}) · torch {env.torch} · triton {env.triton} · "
         f"fp8nemo {env.fp8nemo} · {env.date} · mode: {env.mode}"

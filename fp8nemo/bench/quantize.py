@@ -144,3 +144,38 @@ def run_case(env, device, work: Workload, impl: str, scheme: str, method: str) -
 def passed(row: Row) -> bool:
     """No correctness figure: a row passes when it was measured (or is a missing baseline)."""
     return row.impl != "fp8nemo" or (row.gbps is not None and row.gbps > 0)
+
+
+def _table(env, rows: list[Row]) -> tuple[str, list[tuple[str, ...]]]:
+    """The heading and the rows of the side-by-side table: each case's MB/s beside the floor's."""
+    head = (f"{env.device}, torch {env.torch}, fp8nemo {env.fp8nemo}, {env.date}: conversion "
+            f"on the host CPU (real figures; no Triton kernel runs)")  # fmt: skip
+    floor = next((r.gbps for r in rows if r.impl != "fp8nemo" and r.gbps), None)
+    table = [("checkpoint", "impl", "scheme/method", "s", "MB/s", "x floor", "peak RSS MiB")]
+    for r in rows:
+        mbps = None if r.gbps is None else r.gbps * 1e3
+        table.append((
+            r.shape, r.impl, r.scheme, _fmt(None if r.median_ms is None else r.median_ms / 1e3,
+                                            ".2f"),
+            _fmt(mbps, ".1f"), _fmt(r.gbps / floor if r.gbps and floor else None, ".2f"),
+            _fmt(r.peak_mib, ".0f") if r.median_ms is not None else r.note,
+        ))  # fmt: skip
+    return head, table
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(env, rows: list[Row]) -> str:
+    head, table = _table(env, rows)
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
+    return "\n".join([head, "", *lines])
+
+
+def format_markdown(env, rows: list[Row]) -> str:
+    head, table = _table(env, rows)
+    lines = [head, "", "| " + " | ".join(table[0]) + " |", "|---|---|---|" + "---:|" * 4]
+    lines += ["| " + " | ".join(t) + " |" for t in table[1:]]
+    return "\n".join(lines) + "\n"
