@@ -29,7 +29,7 @@ import torch
 
 from fp8nemo.model.loader import write_random_checkpoint
 
-from .harness import CORRECTNESS_ONLY, Row, case_fields, measure, rel_err
+from .harness import CORRECTNESS_ONLY, Row, case_fields, fmt, measure, rel_err
 
 REFERENCE, FP8, HF_EAGER, HF_QUANTIZED = (
     "fp8nemo bf16 reference", "fp8nemo fp8", "HF eager bf16", "HF + quantize_",
@@ -501,10 +501,6 @@ def passed(row: Row) -> bool:
 RATIOS = ((REFERENCE, HF_EAGER), (FP8, REFERENCE), (HF_QUANTIZED, HF_EAGER))
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def _check_text(row: Row) -> str:
     if row.shape == "prefill" and row.rel_err is not None:
         text = f"logits {row.rel_err:.1e}"
@@ -557,8 +553,8 @@ def _tables(env, rows: list[Row]):
         star = "*" if r.env.get("mode") == CORRECTNESS_ONLY else ""
         table.append((
             case if case != last else "", r.impl, r.scheme,
-            _fmt(r.tokens_per_s, ".1f") + star, _fmt(r.median_ms, ".2f"), _fmt(r.gbps, ".1f"),
-            _fmt(r.roofline_pct, ".0f"), _fmt(r.peak_mib, ".0f"), _check_text(r), r.note,
+            fmt(r.tokens_per_s, ".1f") + star, fmt(r.median_ms, ".2f"), fmt(r.gbps, ".1f"),
+            fmt(r.roofline_pct, ".0f"), fmt(r.peak_mib, ".0f"), _check_text(r), r.note,
         ))  # fmt: skip
         last = case
     speed = {(f"{r.shape} {r.dims}", r.impl): r for r in measured}

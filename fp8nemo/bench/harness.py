@@ -173,6 +173,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
+def fmt(v, spec: str) -> str:
+    """A figure for a table: "-" where there is none."""
+    return "-" if v is None else format(v, spec)
+
+
 def case_fields(suite, shape, dims, out_dtype, M=None, N=None, K=None, **more) -> dict:
     """The Row fields that name a case; `dims` a dict of its sizes, `more` other Row fields."""
     dims_text = " ".join(f"{k}={v}" for k, v in dims.items())

@@ -7,7 +7,7 @@ import csv
 import os
 from dataclasses import asdict
 
-from .harness import CORRECTNESS_ONLY, Environment, Row
+from .harness import CORRECTNESS_ONLY, Environment, Row, fmt
 
 COLUMNS = [
     "date", "device", "capability", "torch", "triton", "fp8nemo", "python", "mode", "copy_gbps",
@@ -19,10 +19,6 @@ COLUMNS = [
 # tokens/s for the whole model.
 METRICS = {"decode": "gbps", "rope": "gbps", "e2e": "tokens_per_s"}
 UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
-
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
 
 
 class CsvSink:
@@ -82,9 +78,9 @@ def format_table(env: Environment, rows: list[Row]) -> str:
     table = [cols]
     for r in rows:
         table.append((
-            r.shape, r.dims, r.impl, r.scheme, _fmt(r.median_ms, ".4f"), _fmt(r.tflops, ".1f"),
-            _fmt(r.gbps, ".0f"), _fmt(r.roofline_pct, ".0f"),
-            _fmt(r.rel_err, ".1e") if not r.note else r.note[:40],
+            r.shape, r.dims, r.impl, r.scheme, fmt(r.median_ms, ".4f"), fmt(r.tflops, ".1f"),
+            fmt(r.gbps, ".0f"), fmt(r.roofline_pct, ".0f"),
+            fmt(r.rel_err, ".1e") if not r.note else r.note[:40],
         ))  # fmt: skip
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines = [head, ""] + [
@@ -107,9 +103,9 @@ def format_markdown(env: Environment, rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.shape} | {r.dims} | {r.impl} | {r.scheme} | {_fmt(r.median_ms, '.4f')} | "
-            f"{_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} | {_fmt(r.roofline_pct, '.0f')} | "
-            f"{r.note or _fmt(r.rel_err, '.1e')} |"
+            f"| {r.shape} | {r.dims} | {r.impl} | {r.scheme} | {fmt(r.median_ms, '.4f')} | "
+            f"{fmt(r.tflops, '.1f')} | {fmt(r.gbps, '.0f')} | {fmt(r.roofline_pct, '.0f')} | "
+            f"{r.note or fmt(r.rel_err, '.1e')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -168,7 +164,7 @@ def format_compare(rows: list[dict]) -> str:
         ours = [v for k, v in vals.items() if k.startswith("fp8nemo") and v]
         theirs = [v for k, v in vals.items() if not k.startswith("fp8nemo") and v]
         ratio = f"{max(ours) / max(theirs):.2f}" if ours and theirs else "-"
-        table.append([shape, dims, *(_fmt(vals.get(k), ".0f") for k in labels), ratio])
+        table.append([shape, dims, *(fmt(vals.get(k), ".0f") for k in labels), ratio])
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     lines = [f"{rows[0]['suite']}: {UNITS[metric]} (median)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]

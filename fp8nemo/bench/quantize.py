@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from .harness import Row, case_fields
+from .harness import Row, case_fields, fmt
 
 SCHEMES = ("tensor", "channel", "block")
 METHODS = ("absmax", "mse")
@@ -155,16 +155,12 @@ def _table(env, rows: list[Row]) -> tuple[str, list[tuple[str, ...]]]:
     for r in rows:
         mbps = None if r.gbps is None else r.gbps * 1e3
         table.append((
-            r.shape, r.impl, r.scheme, _fmt(None if r.median_ms is None else r.median_ms / 1e3,
+            r.shape, r.impl, r.scheme, fmt(None if r.median_ms is None else r.median_ms / 1e3,
                                             ".2f"),
-            _fmt(mbps, ".1f"), _fmt(r.gbps / floor if r.gbps and floor else None, ".2f"),
-            _fmt(r.peak_mib, ".0f") if r.median_ms is not None else r.note,
+            fmt(mbps, ".1f"), fmt(r.gbps / floor if r.gbps and floor else None, ".2f"),
+            fmt(r.peak_mib, ".0f") if r.median_ms is not None else r.note,
         ))  # fmt: skip
     return head, table
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def format_table(env, rows: list[Row]) -> str:
