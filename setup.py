@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fp8nemo", "fp8nemo.*"]),
+    # The built-in models `fp8nemo validate` checks by default (bf16, a few MB each).
+    package_data={"fp8nemo.validate": ["builtin/*/*.json", "builtin/*/*.safetensors"]},
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
         # compressed-tensors, and accelerate for transformers' FineGrainedFP8: the formats'

@@ -75,8 +75,6 @@ def _validate(args) -> int:
     from fp8nemo.validate import report as V
 
     model = args.model or V.DEFAULT_MODEL
-    if args.model is None:
-        print(V.DEFAULT_MODEL_NOTE, file=sys.stderr)
     if args.activations == "static" and args.scheme == "block":
         return _error("--scheme block takes dynamic 1x128 activations; static is per tensor")
     if args.calib is not None and args.activations != "static":
@@ -352,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="FP8 accuracy against the reference: per layer, logits, "
                        "perplexity, generation")  # fmt: skip
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="HF checkpoint folder (16-bit: quantized with --scheme; FP8: as it is) "
-                   "or a preset (default: tiny until the built-in QAT model ships)")  # fmt: skip
+                   help="HF checkpoint folder (16-bit: quantized with --scheme; FP8: as it is), "
+                   "a preset, or a built-in model: `builtin` (default; quantisation-aware, "
+                   "reported beside its non-QAT twin) or `builtin-twin`")  # fmt: skip
     p.add_argument("--scheme", default="channel", choices=["tensor", "channel", "block"],
                    help="weight scales of a 16-bit MODEL")  # fmt: skip
     p.add_argument("--activations", default="dynamic", choices=["dynamic", "static"],

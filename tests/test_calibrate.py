@@ -520,3 +520,23 @@ def test_qat_errors():
         convert_qat(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="granularity must be one of"):
         prepare_qat(torch.nn.Linear(2, 2), weight_granularity="block")
+
+
+def test_pow2_weight_scales_make_the_fp8_weights_exact_in_16_bits(gen):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    prepare_qat(model, weight_scales="pow2")
+    w = model[0].weight.detach().clone()
+    amax = w.abs().amax(1, keepdim=True)
+    w_fp8, scale = convert_qat(model)["0"]
+    # The smallest power of two with amax / scale <= 448: every row's largest code in (224, 448].
+    assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))
+    top = amax / scale
+    assert bool(((top > 224) & (top <= 448)).all())
+    values = fp8.dequantize(w_fp8, scale, "channel")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(values.to(dtype).float(), values)  # exact in 16 bits
+    # Rounded to the nearest code: half of e4m3's relative spacing, or of its subnormal step.
+    assert bool(((values - w).abs() <= w.abs() * 2.0**-4 + scale * 2.0**-10).all())
+    with pytest.raises(ValueError, match="weight_scales must be one of"):
+        prepare_qat(torch.nn.Linear(2, 2), weight_scales="e8m0")

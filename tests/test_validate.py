@@ -13,7 +13,9 @@ from helpers import run_on_torch_path, torch_path_env
 from models import save_hf_model
 
 from fp8nemo import cli
+from fp8nemo.quant.convert import quantize_checkpoint
 from fp8nemo.validate import LogitStats, TensorStats, divergence, perplexity, sqnr_db
+from fp8nemo.validate.report import builtin_path, stdlib_text
 
 SMALL = ("--max-tokens", "64", "--window", "32", "--new-tokens", "2")
 
@@ -147,12 +149,48 @@ def test_validate_on_an_hf_llama_matches_an_independent_computation(llama, tmp_p
     assert r["ppl_reference"] == pytest.approx(want["ppl"], rel=1e-9)
 
 
+def test_validate_defaults_to_the_builtin_model_beside_its_twin(tmp_path):
+    out = tmp_path / "r.json"
+    proc = fp8nemo("validate", *SMALL, "--json", str(out), "--plot", str(tmp_path / "r.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "fp8nemo validate builtin" in proc.stdout and "non-QAT twin" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["settings"]["model"] == "builtin" and r["twin"]["tokens"] == r["tokens"] == 64
+    assert {x["name"] for x in r["twin"]["per_layer"]} == {x["name"] for x in r["per_layer"]}
+    data = tmp_path / "eval.txt"  # the default text, for the independent computation
+    data.write_text(stdlib_text(), encoding="utf-8")
+    for got, name in ((r, "builtin"), (r["twin"], "builtin-twin")):
+        code = INDEPENDENT.format(path=builtin_path(name), data=str(data))
+        want = json.loads(run_on_torch_path(code).splitlines()[-1])
+        assert got["kl_mean"] == pytest.approx(want["kl_mean"], rel=1e-6)
+        assert got["top1_agreement"] == pytest.approx(want["top1"])
+        assert got["ppl_reference"] == pytest.approx(want["ppl"], rel=1e-9)
+    # What quantisation awareness buys: on its exact FP8 weights the QAT model loses less.
+    assert r["kl_mean"] < r["twin"]["kl_mean"]
+    worst = lambda rep: min(x["sqnr_db"] for x in rep["per_layer"])  # noqa: E731
+    assert worst(r) > worst(r["twin"])
+
+
+def test_an_fp8_checkpoint_is_validated_on_its_own_scheme(tmp_path):
+    quantize_checkpoint(builtin_path("builtin"), str(tmp_path / "fp8"), scheme="channel",
+                        progress=False)  # fmt: skip
+    out = tmp_path / "r.json"
+    proc = fp8nemo("validate", str(tmp_path / "fp8"), *SMALL, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "compressed-tensors checkpoint's weights" in proc.stdout and "twin" not in proc.stdout
+    assert "is an FP8 checkpoint: its own scheme" in proc.stdout
+    r = json.loads(out.read_text())
+    # The reference is the checkpoint dequantized: its weights exactly, so only activations,
+    # and the bf16 activations of the FP8 backend, differ.
+    assert r["settings"]["scheme"] == "compressed-tensors checkpoint's"
+    assert 0 < r["kl_mean"] < 1e-2 and r["top1_agreement"] > 90
+
+
 def test_fail_under_and_over_gate_the_exit_status():
     met = fp8nemo(
         "validate", *SMALL, "--fail-under", "top1_agreement=1", "--fail-over", "kl_mean=10"
     )
     assert met.returncode == 0, met.stderr
-    assert "built-in quantisation-aware model is to come" in met.stderr
     missed = fp8nemo("validate", *SMALL, "--fail-under", "top1_agreement=100.5",
                      "--fail-over", "kl_mean=0", "--fail-over", "kl_max=10")  # fmt: skip
     assert missed.returncode == 1
@@ -173,7 +211,7 @@ def test_static_activations_and_fp8_cache_through_the_interpreter(llama):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["/no/such/model"], "neither a checkpoint folder nor a preset"),
+        (["/no/such/model"], "neither a checkpoint folder, a built-in model"),
         (["tiny", "--data", "/no/such.txt"], "does not exist"),
         (["tiny", "--data", "{empty}"], "holds 0 tokens"),
         (["tiny", "--data", "{binary}"], "cannot be read as UTF-8"),

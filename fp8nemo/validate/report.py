@@ -9,7 +9,7 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -26,13 +26,12 @@ from fp8nemo.utils import progress as show_progress
 
 from .metrics import LogitStats, TensorStats, divergence, in_top_k
 
-# The built-in QAT model is not shipped yet (issue 11, item 1): until it is, the default MODEL
-# is this preset, with random weights. Change this one constant when it lands.
-DEFAULT_MODEL = "tiny"
-DEFAULT_MODEL_NOTE = (
-    "note: no MODEL given: validating the `tiny` preset (random weights); the built-in "
-    "quantisation-aware model is to come"
-)
+# The built-in models (`python -m fp8nemo.validate.train` made them; training.json says how):
+# "builtin" is the quantisation-aware one, validated beside its twin trained without QAT;
+# "builtin-twin" is the twin alone.
+BUILTIN, BUILTIN_TWIN = "builtin", "builtin-twin"
+BUILTIN_FOLDERS = {BUILTIN: "qat", BUILTIN_TWIN: "twin"}
+DEFAULT_MODEL = BUILTIN
 # Text every machine has: Python standard library sources (a fixed list, read in this order).
 # Evaluation and calibration files are disjoint.
 EVAL_FILES = ("textwrap.py", "colorsys.py", "bisect.py", "fnmatch.py", "heapq.py", "shlex.py")
@@ -119,15 +118,28 @@ def windows(ids: torch.Tensor, window: int, max_tokens: int) -> list[torch.Tenso
 # --- models ----------------------------------------------------------------------------------
 
 
+def builtin_path(name: str = BUILTIN) -> str:
+    """The checkpoint folder of a built-in model ("builtin" or "builtin-twin")."""
+    return os.path.join(os.path.dirname(__file__), "builtin", BUILTIN_FOLDERS[name])
+
+
 def _source(settings: Settings, work: str) -> str:
-    """A checkpoint folder for settings.model: the folder itself, or a preset written out once
-    (so both backends read the very same weights)."""
+    """A checkpoint folder for settings.model: the folder itself, a built-in model's, or a
+    preset written out once (so both backends read the very same weights)."""
+    if settings.model in BUILTIN_FOLDERS:
+        path = builtin_path(settings.model)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(
+                f"the built-in model is missing from this install ({path}); reinstall fp8nemo, "
+                "or train it with `python -m fp8nemo.validate.train`"
+            )
+        return path
     if os.path.isdir(settings.model):
         return settings.model
     if settings.model not in PRESETS:
         raise ValueError(
-            f"MODEL {settings.model} is neither a checkpoint folder nor a preset "
-            f"({', '.join(sorted(PRESETS))})"
+            f"MODEL {settings.model} is neither a checkpoint folder, a built-in model "
+            f"({', '.join(BUILTIN_FOLDERS)}) nor a preset ({', '.join(sorted(PRESETS))})"
         )
 
     return write_random_checkpoint(preset(settings.model), os.path.join(work, "preset"), "cpu")
@@ -274,8 +286,21 @@ def _versions() -> dict:
             "triton": triton.__version__, "python": platform.python_version()}  # fmt: skip
 
 
+def _report(settings: Settings, src: str, codec: TextCodec, wins, work: str, progress: bool):
+    """Per-layer, logits and generation metrics of checkpoint `src` over `wins`."""
+    os.makedirs(work, exist_ok=True)
+    ref, fp8, notes = load_pair(settings, src, codec, work, progress)
+    report = compare(ref, fp8, wins, progress)
+    prompts = [w[:GEN_PROMPT_LEN].tolist() for w in wins[:GEN_PROMPTS]]
+    report["generation"] = generation(ref, fp8, prompts, settings.new_tokens)
+    report["notes"] = notes
+    report["fp8_device"] = fp8.device.type
+    return report
+
+
 def run(settings: Settings, progress: bool = False) -> dict:
-    """The whole report of `settings` as a JSON-ready dict."""
+    """The whole report of `settings` as a JSON-ready dict; for the built-in model, the same
+    report of its non-QAT twin under "twin"."""
     with tempfile.TemporaryDirectory(prefix="fp8nemo-validate-") as work:
         if settings.reference is not None and not os.path.isdir(settings.reference):
             raise ValueError(f"--reference {settings.reference} is not a checkpoint folder")
@@ -286,16 +311,22 @@ def run(settings: Settings, progress: bool = False) -> dict:
         ids = load_tokens(settings.data, codec, config.vocab_size, "--data")
         wins = windows(ids, min(settings.window, config.max_position_embeddings),
                        settings.max_tokens)  # fmt: skip
-        ref, fp8, notes = load_pair(settings, src, codec, work, progress)
-        report = compare(ref, fp8, wins, progress)
-        prompts = [w[:GEN_PROMPT_LEN].tolist() for w in wins[:GEN_PROMPTS]]
-        report["generation"] = generation(ref, fp8, prompts, settings.new_tokens)
-    fp8_mode = "cuda" if fp8.device.type == "cuda" else (
+        report = _report(settings, src, codec, wins, os.path.join(work, "model"), progress)
+        if settings.model == BUILTIN:
+            twin = replace(settings, model=BUILTIN_TWIN)
+            report["twin"] = _report(twin, _source(twin, work), codec, wins,
+                                     os.path.join(work, "twin"), progress)  # fmt: skip
+            report["twin"].pop("fp8_device")
+        fmt = read_checkpoint(src).format
+    on = report.pop("fp8_device")
+    fp8_mode = "cuda" if on == "cuda" else (
         "triton-interpreter" if settings.interpret else "torch-emulation")  # fmt: skip
-    report["settings"] = {**asdict(settings), "fp8_path": fp8_mode,
+    described = asdict(settings)
+    if fmt != "unquantized":  # an FP8 checkpoint runs on its own scales
+        described.update(scheme=f"{fmt} checkpoint's", activations="its own")
+    report["settings"] = {**described, "fp8_path": fp8_mode,
                           "reference_dtype": "fp32", "fp8_dtype": "bf16"}  # fmt: skip
     report["versions"] = _versions()
-    report["notes"] = notes
     return report
 
 
@@ -379,62 +410,122 @@ def _gen_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _title(report: dict) -> str:
+    s = report["settings"]
+    return (f"{s['scheme']} weights, {s['activations']} activations, {s['kv_cache']} KV cache; "
+            f"FP8 path {s['fp8_path']}")  # fmt: skip
+
+
+def _columns(report: dict) -> list[tuple[str, dict]]:
+    """(heading, report) of each model reported: the model, and the built-in one's twin."""
+    if "twin" not in report:
+        return [("value", report)]
+    return [("QAT model", report), ("non-QAT twin", report["twin"])]
+
+
+def _summary(report: dict) -> list[list[str]]:
+    """Rows [metric, value per model]."""
+    cols = [summary_rows(r) for _, r in _columns(report)]
+    return [[k, *(c[i][1] for c in cols)] for i, (k, _) in enumerate(cols[0])]
+
+
+def _layers(report: dict) -> list[list[str]]:
+    """Rows [layer, SQNR, rel err, cosine of the model, then the twin's SQNR]."""
+    twin = {r["name"]: r for r in report["twin"]["per_layer"]} if "twin" in report else None
+    rows = []
+    for r in report["per_layer"]:
+        row = [r["name"], _db(r["sqnr_db"]), f"{r['rel_err']:.3e}", f"{r['cosine']:.6f}"]
+        if twin is not None:
+            row.append(_db(twin[r["name"]]["sqnr_db"]) if r["name"] in twin else "-")
+        rows.append(row)
+    return rows
+
+
+def _layer_heads(report: dict) -> list[str]:
+    heads = ["layer", "SQNR dB", "rel err", "cosine"]
+    return [*heads, "twin SQNR dB"] if "twin" in report else heads
+
+
+def _text_table(heads: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, the rest right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(heads, *rows, strict=True)]
+
+    def line(row):
+        cells = [str(x).rjust(w) for x, w in zip(row, widths, strict=True)]
+        return "  ".join([str(row[0]).ljust(widths[0]), *cells[1:]])
+
+    return [line(heads), *(line(r) for r in rows)]
+
+
+def _md_table(heads: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _generation(report: dict) -> tuple[list[str], list[list[str]]]:
+    heads = ["greedy", "same tokens", "fp8 tok in ref top-5", "ref tok in fp8 top-5"]
+    cols = _columns(report)
+    if len(cols) > 1:
+        each = ("same", "fp8 in ref top-5", "ref in fp8 top-5")
+        heads = ["greedy", *(f"{who} {c}" for who in ("QAT", "twin") for c in each)]
+    per = [_gen_rows(r) for _, r in cols]
+    rows = [[str(i), *(x for p in per for x in p[i][1:])] for i in range(len(per[0]))]
+    return heads, rows
+
+
 def format_table(report: dict) -> str:
     s = report["settings"]
-    lines = [f"fp8nemo validate {s['model']}: {s['scheme']} weights, {s['activations']} "
-             f"activations, {s['kv_cache']} KV cache; FP8 path {s['fp8_path']}"]  # fmt: skip
+    lines = [f"fp8nemo validate {s['model']}: {_title(report)}"]
+    if "twin" in report:
+        lines.append("the built-in quantisation-aware model, beside its twin trained without QAT")
     lines += report["notes"]
-    width = max(len(r["name"]) for r in report["per_layer"])
-    lines += ["", f"{'layer'.ljust(width)}  {'SQNR dB':>8}  {'rel err':>9}  {'cosine':>9}"]
-    for r in report["per_layer"]:
-        lines.append(f"{r['name'].ljust(width)}  {_db(r['sqnr_db']):>8}  {r['rel_err']:>9.3e}  "
-                     f"{r['cosine']:>9.6f}")  # fmt: skip
-    lines.append("")
-    w = max(len(k) for k, _ in summary_rows(report))
-    lines += [f"{k.ljust(w)}  {v}" for k, v in summary_rows(report)]
-    lines += ["", "greedy  same tokens  fp8 tok in ref top-5  ref tok in fp8 top-5"]
-    lines += [f"{i:>6}  {n:>11}  {a:>20}  {b:>20}" for i, n, a, b in _gen_rows(report)]
+    lines += ["", *_text_table(_layer_heads(report), _layers(report)), ""]
+    lines += _text_table(["", *(h for h, _ in _columns(report))], _summary(report))
+    lines += ["", *_text_table(*_generation(report))]
     return "\n".join(lines)
 
 
 def format_markdown(report: dict) -> str:
     s = report["settings"]
     out = [f"# fp8nemo validate `{s['model']}`", "",
-           f"{s['scheme']} weights, {s['activations']} activations, {s['kv_cache']} KV cache; "
-           f"FP8 path {s['fp8_path']}; versions "
+           f"{_title(report)}; versions "
            + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]  # fmt: skip
     out += [f"> {n}" for n in report["notes"]]
-    out += ["| metric | value |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in summary_rows(report)]
-    out += ["", "| layer | kind | SQNR dB | rel err | cosine |", "|---|---|---:|---:|---:|"]
-    out += [f"| {r['name']} | {r['kind']} | {_db(r['sqnr_db'])} | {r['rel_err']:.3e} | "
-            f"{r['cosine']:.6f} |" for r in report["per_layer"]]  # fmt: skip
-    out += ["", "| prompt | same tokens | fp8 token in ref top-5 | ref token in fp8 top-5 |",
-            "|---:|---:|---|---|"]  # fmt: skip
-    out += [f"| {i} | {n} | {a} | {b} |" for i, n, a, b in _gen_rows(report)]
+    out += _md_table(["metric", *(h for h, _ in _columns(report))], _summary(report))
+    out += ["", *_md_table(_layer_heads(report), _layers(report))]
+    out += ["", *_md_table(*_generation(report))]
     return "\n".join(out) + "\n"
 
 
 def plot(report: dict, path: str) -> None:
-    """Per-layer SQNR (dB) as a PNG: linears and block outputs in execution order."""
+    """Per-layer SQNR (dB) as a PNG: linears and block outputs in execution order; the built-in
+    model's twin as hatched bars beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["per_layer"]
-    finite = [r["sqnr_db"] for r in rows if math.isfinite(r["sqnr_db"])]
+    cols = _columns(report)
+    names = [r["name"] for r in report["per_layer"]]
+    kinds = {r["name"]: r["kind"] for r in report["per_layer"]}
+    values = [{r["name"]: r["sqnr_db"] for r in rep["per_layer"]} for _, rep in cols]
+    finite = [v for vals in values for v in vals.values() if math.isfinite(v)]
     cap = (max(finite) + 10) if finite else 100.0
-    ys = [min(r["sqnr_db"], cap) for r in rows]
-    colors = ["tab:orange" if r["kind"] == "block" else "tab:blue" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(rows)), 4))
-    ax.bar(range(len(rows)), ys, color=colors)
-    ax.set_xticks(range(len(rows)), [r["name"].removeprefix("model.") for r in rows],
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) * len(cols)), 4))
+    for j, ((label, _), vals) in enumerate(zip(cols, values, strict=True)):
+        xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(names))]
+        ys = [min(vals.get(n, math.nan), cap) for n in names]
+        colors = ["tab:orange" if kinds[n] == "block" else "tab:blue" for n in names]
+        ax.bar(xs, ys, width, color=colors, alpha=1.0 if j == 0 else 0.45,
+               hatch=None if j == 0 else "//", label=label if len(cols) > 1 else None)  # fmt: skip
+    ax.set_xticks(range(len(names)), [n.removeprefix("model.") for n in names],
                   rotation=90, fontsize=7)  # fmt: skip
     ax.set_ylabel("SQNR (dB)")
-    s = report["settings"]
-    ax.set_title(f"{s['model']}: {s['scheme']} / {s['activations']} / KV {s['kv_cache']} "
-                 "(orange: block outputs)", fontsize=9)  # fmt: skip
+    if len(cols) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{report['settings']['model']}: {_title(report)} (orange: block outputs)",
+                 fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
