@@ -75,7 +75,7 @@ def test_converted_qat_block_linears_lie_on_the_fp8_grid(scheme, tmp_path):
 
 
 def test_the_training_script_writes_loadable_checkpoints_and_reruns_in_place(tmp_path, capsys):
-    assert train.main(["--steps", "2", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert train.main(["--steps", "2", "--out", str(tmp_path)]) == 0
     assert train.main(["--steps", "1", "--out", str(tmp_path), "--only", "qat"]) == 0
     out = capsys.readouterr().out
     assert "qat: wrote" in out and "twin: wrote" in out

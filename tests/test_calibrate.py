@@ -17,7 +17,7 @@ from fp8nemo.quant.calibrate import (
     mse_scale,
     quantize_weight,
 )
-from fp8nemo.quant.qat import QATLinear, convert_qat, fake_quant_fp8, prepare_qat
+from fp8nemo.quant.qat import QATLinear, convert_qat, fake_quant_fp8, pow2_scale, prepare_qat
 
 E4M3 = torch.float8_e4m3fn
 CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3)
@@ -523,8 +523,9 @@ def test_qat_errors():
 
 
 def test_pow2_weight_scales_make_the_fp8_weights_exact_in_16_bits(gen):
-    torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(randn(48, 64, gen=gen, scale=0.05))
     prepare_qat(model, weight_scales="pow2")
     w = model[0].weight.detach().clone()
     amax = w.abs().amax(1, keepdim=True)
@@ -538,5 +539,10 @@ def test_pow2_weight_scales_make_the_fp8_weights_exact_in_16_bits(gen):
         assert torch.equal(values.to(dtype).float(), values)  # exact in 16 bits
     # Rounded to the nearest code: half of e4m3's relative spacing, or of its subnormal step.
     assert bool(((values - w).abs() <= w.abs() * 2.0**-4 + scale * 2.0**-10).all())
+    # The edges: an exact power of two stays, the next fp32 value up doubles, NaN stays NaN.
+    amax = torch.tensor([448.0, 448.0 * 2**-10, torch.nextafter(torch.tensor(448.0),
+                         torch.tensor(1e9)).item(), 0.0, float("nan")])  # fmt: skip
+    got = pow2_scale(amax)
+    assert got[:3].tolist() == [1.0, 2.0**-10, 2.0] and got[3] > 0 and got[4].isnan()
     with pytest.raises(ValueError, match="weight_scales must be one of"):
         prepare_qat(torch.nn.Linear(2, 2), weight_scales="e8m0")

@@ -151,11 +151,17 @@ def test_validate_on_an_hf_llama_matches_an_independent_computation(llama, tmp_p
 
 def test_validate_defaults_to_the_builtin_model_beside_its_twin(tmp_path):
     out = tmp_path / "r.json"
-    proc = fp8nemo("validate", *SMALL, "--json", str(out), "--plot", str(tmp_path / "r.png"))
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    proc = fp8nemo(
+        "validate", *SMALL, "--json", str(out), "--markdown", str(md), "--plot", str(png)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fp8nemo validate builtin" in proc.stdout and "non-QAT twin" in proc.stdout
+    assert "| twin SQNR dB |" in md.read_text() and "| non-QAT twin |" in md.read_text()
+    assert png.stat().st_size > 0
     r = json.loads(out.read_text())
-    assert r["settings"]["model"] == "builtin" and r["twin"]["tokens"] == r["tokens"] == 64
+    assert r["settings"]["model"] == "builtin" and r["twin"]["model"] == "builtin-twin"
+    assert r["twin"]["tokens"] == r["tokens"] == 64
     assert {x["name"] for x in r["twin"]["per_layer"]} == {x["name"] for x in r["per_layer"]}
     data = tmp_path / "eval.txt"  # the default text, for the independent computation
     data.write_text(stdlib_text(), encoding="utf-8")
@@ -177,12 +183,13 @@ def test_an_fp8_checkpoint_is_validated_on_its_own_scheme(tmp_path):
     out = tmp_path / "r.json"
     proc = fp8nemo("validate", str(tmp_path / "fp8"), *SMALL, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "compressed-tensors checkpoint's weights" in proc.stdout and "twin" not in proc.stdout
+    assert "the compressed-tensors checkpoint's own scales" in proc.stdout
+    assert "twin" not in proc.stdout
     assert "is an FP8 checkpoint: its own scheme" in proc.stdout
     r = json.loads(out.read_text())
     # The reference is the checkpoint dequantized: its weights exactly, so only activations,
     # and the bf16 activations of the FP8 backend, differ.
-    assert r["settings"]["scheme"] == "compressed-tensors checkpoint's"
+    assert r["settings"]["checkpoint_format"] == "compressed-tensors"
     assert 0 < r["kl_mean"] < 1e-2 and r["top1_agreement"] > 90
 
 
@@ -218,6 +225,7 @@ def test_static_activations_and_fp8_cache_through_the_interpreter(llama):
         (["tiny", "--data", "{bad_ids}"], "cannot be read"),
         (["tiny", "--activations", "static", "--scheme", "block"], "static is per tensor"),
         (["tiny", "--calib", "x.txt"], "--activations static only"),
+        (["builtin", "--reference", "."], "not the built-in one"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):

@@ -3,8 +3,9 @@
 
 The fake-quant forward is `dequantize(quantize(x))` with the e4m3 numerics of `fp8nemo/fp8.py`
 (scale = amax / 448 at each step unless a static scale is given; for weights optionally that
-scale rounded up to a power of two, which keeps codes x scale exact in bf16 and fp16, as e4m3's
-relative spacing is the same at every scale). Its backward passes the
+scale rounded up to a power of two: codes x scale, a 4-bit significand times a power of two, is
+then exact in bf16 (and in fp16 for scales from 2^-15 up), and accuracy is kept but in the
+lowest binade, as e4m3's relative spacing is the same at every scale). Its backward passes the
 gradient straight through where the cast rounds, |x| / scale <= 464 (the midpoint between
 e4m3's largest value, 448, and the next power-of-two step, which rounds to 448), and stops it
 where the cast saturates (only with a static scale: amax / 448 keeps every x inside) or x is
@@ -33,9 +34,11 @@ def _fp8_granularity(granularity: str) -> str:
 def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
     """The smallest power of two >= amax / 448 (fp32): the largest |x| maps to a code in
     (224, 448]."""
-    mantissa, exponent = torch.frexp(fp8.scale_from_amax(amax))  # s = m * 2^e, m in [0.5, 1)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)  # s is 2^(e-1) already
-    return torch.ldexp(torch.ones_like(mantissa), exponent)
+    scale = fp8.scale_from_amax(amax)
+    mantissa, exponent = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)  # 2^(e-1) already
+    # A NaN or inf amax keeps its scale, as scale_from_amax's does.
+    return torch.where(scale.isfinite(), torch.ldexp(torch.ones_like(scale), exponent), scale)
 
 
 def _scale(x: torch.Tensor, granularity: str, rule: str) -> torch.Tensor:
@@ -96,7 +99,7 @@ def prepare_qat(
     """Put FP8 fake-quant on every nn.Linear weight of `model` (and on its input with
     `input_granularity`), in place; `filter_fn(name, module)` picks the layers. `weight_scales`
     "pow2" rounds each weight scale up to a power of two: codes x scale is then exact in a
-    16-bit checkpoint, where amax / 448 scales need the converter to recover them."""
+    bf16 checkpoint, where amax / 448 scales need the converter to recover them."""
     _fp8_granularity(weight_granularity)
     if weight_scales not in WEIGHT_SCALES:
         raise ValueError(f"weight_scales must be one of {WEIGHT_SCALES}; got {weight_scales!r}")

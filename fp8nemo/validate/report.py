@@ -1,7 +1,8 @@
-"""`fp8nemo validate`: load a checkpoint (or preset) on the reference backend (fp32) and on the
-FP8 backend, run both over the evaluation tokens window by window with forward hooks on every
-linear and block, and report per-layer SQNR / relative error / cosine, logits KL, top-1
-agreement, perplexity and greedy-generation divergence (as a dict, a table, markdown, a PNG)."""
+"""`fp8nemo validate`: load a checkpoint (a preset, or the built-in QAT model, reported beside its
+non-QAT twin) on the reference backend (fp32) and on the FP8 backend, run both over the
+evaluation tokens window by window with forward hooks on every linear and block, and report
+per-layer SQNR / relative error / cosine, logits KL, top-1 agreement, perplexity and
+greedy-generation divergence (as a dict, a table, markdown, a PNG)."""
 
 from __future__ import annotations
 
@@ -302,6 +303,8 @@ def run(settings: Settings, progress: bool = False) -> dict:
     """The whole report of `settings` as a JSON-ready dict; for the built-in model, the same
     report of its non-QAT twin under "twin"."""
     with tempfile.TemporaryDirectory(prefix="fp8nemo-validate-") as work:
+        if settings.reference is not None and settings.model in BUILTIN_FOLDERS:
+            raise ValueError("--reference applies to an FP8 checkpoint MODEL, not the built-in one")
         if settings.reference is not None and not os.path.isdir(settings.reference):
             raise ValueError(f"--reference {settings.reference} is not a checkpoint folder")
         src = _source(settings, work)
@@ -317,14 +320,13 @@ def run(settings: Settings, progress: bool = False) -> dict:
             report["twin"] = _report(twin, _source(twin, work), codec, wins,
                                      os.path.join(work, "twin"), progress)  # fmt: skip
             report["twin"].pop("fp8_device")
+            report["twin"]["model"] = BUILTIN_TWIN
         fmt = read_checkpoint(src).format
     on = report.pop("fp8_device")
     fp8_mode = "cuda" if on == "cuda" else (
         "triton-interpreter" if settings.interpret else "torch-emulation")  # fmt: skip
-    described = asdict(settings)
-    if fmt != "unquantized":  # an FP8 checkpoint runs on its own scales
-        described.update(scheme=f"{fmt} checkpoint's", activations="its own")
-    report["settings"] = {**described, "fp8_path": fp8_mode,
+    # An FP8 checkpoint runs on its own scales, whatever --scheme / --activations say.
+    report["settings"] = {**asdict(settings), "checkpoint_format": fmt, "fp8_path": fp8_mode,
                           "reference_dtype": "fp32", "fp8_dtype": "bf16"}  # fmt: skip
     report["versions"] = _versions()
     return report
@@ -412,8 +414,10 @@ def _gen_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 def _title(report: dict) -> str:
     s = report["settings"]
-    return (f"{s['scheme']} weights, {s['activations']} activations, {s['kv_cache']} KV cache; "
-            f"FP8 path {s['fp8_path']}")  # fmt: skip
+    fmt = s.get("checkpoint_format", "unquantized")
+    scales = (f"{s['scheme']} weights, {s['activations']} activations" if fmt == "unquantized"
+              else f"the {fmt} checkpoint's own scales")  # fmt: skip
+    return f"{scales}, {s['kv_cache']} KV cache; FP8 path {s['fp8_path']}"
 
 
 def _columns(report: dict) -> list[tuple[str, dict]]:
