@@ -1,6 +1,8 @@
 """`fp8nemo inspect`: compile every kernel config ahead of time for a GPU architecture, on a
-machine without a GPU, and report registers, spilled bytes, shared memory and the MMA
-instructions in the SASS (read with the cuobjdump in Triton's wheel)."""
+machine without a GPU, and report registers, spilled bytes, shared memory, the MMA
+instructions in the SASS (read with the cuobjdump in Triton's wheel) and what the main loop
+does: how deep it waits on its wgmma, whether it loads through TMA, what it stores to shared
+memory."""
 
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ KERNEL_MODULES = (
     "fp8nemo.kernels.swiglu",
 )
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
+# One SASS instruction as cuobjdump prints it: address, optional predicate, opcode, operands.
+_SASS_LINE = re.compile(
+    r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)([^;]*);", re.M
+)
 
 
 class InspectError(RuntimeError):
@@ -93,9 +99,8 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
             [_cuda_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
         ).stdout
     res = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-    opcodes = Counter(
-        re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M)
-    )
+    instructions = parse_sass(sass)
+    opcodes = Counter(op.split(".")[0] for _, op, _ in instructions)
     mma = {kind: n for kind, n in sorted(opcodes.items()) if kind in MMA_KINDS}
     row = {
         "op": spec.op,
@@ -111,6 +116,8 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
         "local_loads_stores": opcodes["LDL"] + opcodes["STL"],
         "shared_bytes": compiled.metadata.shared,
         "mma": mma,
+        "tma_loads": opcodes["UTMALDG"],
+        "loop": main_loop(instructions),
     }
     problems = []
     if row["spill_bytes"] or row["local_loads_stores"]:
@@ -119,6 +126,51 @@ def compile_spec(spec: AotSpec, cap: int) -> dict:
         problems.append(f"no {spec.expect_mma} in the SASS")
     row["problems"] = problems
     return row
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of every instruction in a cuobjdump listing."""
+    return [(int(a, 16), op, rest.strip()) for a, op, rest in _SASS_LINE.findall(sass)]
+
+
+def main_loop(instructions: list[tuple[int, str, str]]) -> dict | None:
+    """What the kernel's main loop does, or None for a kernel with no loop. The main loop is the
+    backward branch's range holding the most MMA instructions (the innermost on a tie; with no
+    MMA, the longest loop). It reports the depth of each wgmma wait inside it
+    (`WARPGROUP.DEPBAR.LE gsb0, N`: N wgmma groups may stay in flight, so 0 idles the tensor
+    cores until the MMA drains), its TMA loads, async copies and shared-memory stores."""
+    loops = []
+    for addr, op, rest in instructions:
+        target = re.fullmatch(r"(0x[0-9a-f]+)", rest.split()[-1]) if op == "BRA" else None
+        if target and int(target[1], 16) < addr:  # backward: a loop (a BRA to itself is the trap)
+            loops.append((int(target[1], 16), addr))
+    if not loops:
+        return None
+
+    def body(loop):
+        return [i for i in instructions if loop[0] <= i[0] <= loop[1]]
+
+    def rank(loop):
+        mmas = sum(op.split(".")[0] in MMA_KINDS for _, op, _ in body(loop))
+        size = loop[1] - loop[0]
+        return (mmas, -size) if mmas else (0, size)
+
+    start, end = max(loops, key=rank)
+    ops = body((start, end))
+    count = Counter(op.split(".")[0] for _, op, _ in ops)
+    waits = [
+        int(rest.split(",")[-1], 16)
+        for _, op, rest in ops
+        if op.startswith("WARPGROUP.DEPBAR") and "gsb0" in rest
+    ]
+    return {
+        "instructions": len(ops),
+        "mma": sum(count[k] for k in MMA_KINDS),
+        "wgmma_waits": waits,
+        "tma_loads": count["UTMALDG"],
+        "async_copies": count["LDGSTS"],
+        "shared_stores": count["STS"] + count["STSM"],
+    }
 
 
 def collect_specs(cap: int, ops: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
@@ -171,12 +223,23 @@ def inspect_kernels(arch: str, ops=None, jobs: int | None = None, progress=None)
     return rows
 
 
+def _loop_summary(loop: dict | None) -> tuple[str, str, str]:
+    """(wgmma waits, TMA loads, shared stores) of a main loop, for the table: the waits as
+    their depths (`0` drains the MMA every iteration, `1` keeps one group in flight)."""
+    if loop is None:
+        return "-", "-", "-"
+    waits = ",".join(str(d) for d in loop["wgmma_waits"]) or "-"
+    return waits, str(loop["tma_loads"]), str(loop["shared_stores"])
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("op", "kernel", "config", "arch", "regs", "spill B", "smem B", "MMA", "status")
+    head = ("op", "kernel", "config", "arch", "regs", "spill B", "smem B", "MMA")
+    head += ("loop waits", "loop TMA", "loop STS", "status")
     lines = [head]
     for r in rows:
         mma = " ".join(f"{k}x{v}" for k, v in r.get("mma", {}).items()) or "-"
         status = "; ".join(r["problems"]) or "ok"
+        waits, tma, sts = _loop_summary(r.get("loop")) if "loop" in r else ("?", "?", "?")
         lines.append(
             (
                 r["op"],
@@ -187,6 +250,9 @@ def format_table(rows: list[dict]) -> str:
                 str(r.get("spill_bytes", "?")),
                 str(r.get("shared_bytes", "?")),
                 mma,
+                waits,
+                tma,
+                sts,
                 status,
             )
         )
