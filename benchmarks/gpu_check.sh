@@ -47,13 +47,13 @@ cat "$RESULTS/environment.txt"
 # Kernel compiles dominate the tests' time: spread them over processes where xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 200 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+stage tests 190 env FP8NEMO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
     tests/test_quantize.py tests/test_fp8_gemm.py tests/test_rope.py tests/test_attention.py \
     tests/test_decode.py tests/test_norm.py tests/test_swiglu.py tests/test_ops.py \
     tests/test_generate.py tests/test_compile.py tests/test_hf.py tests/test_tune.py \
     --junitxml="$RESULTS/tests.xml"
-stage inspect 40 "$PY" -m fp8nemo.cli inspect --arch sm_90
-for spec in gemm:55:35 attention:45:30 decode:40:25 rope:20:10 e2e:80:50; do
+stage inspect 50 "$PY" -m fp8nemo.cli inspect --arch sm_90
+for spec in gemm:90:70 attention:40:28 decode:30:20 rope:15:8 e2e:65:45; do
     IFS=: read -r suite limit budget <<<"$spec"
     stage "bench-$suite" "$limit" "$PY" -m fp8nemo.cli bench --suite "$suite" --budget "$budget" \
         --out "$RESULTS" --markdown
@@ -82,6 +82,11 @@ rm -f "$marker"
     echo "## Codegen problems (sm_90)"
     echo '```'
     grep -vE "  ok$" "$RESULTS/inspect.log" | tail -n 20
+    echo '```'
+    echo
+    echo "## GEMM main loops (sm_90: wgmma wait depths, TMA loads, shared stores per iteration)"
+    echo '```'
+    grep -E "^(op|fp8_gemm) .*(_fp8_gemm_kernel|_fp8_gemm_tma_kernel|kernel  )" "$RESULTS/inspect.log"
     echo '```'
     echo
     echo "## Benchmarks"

@@ -30,6 +30,7 @@ KERNEL_MODULES = (
     "fp8nemo.kernels.swiglu",
 )
 MMA_KINDS = ("QGMMA", "HGMMA", "QMMA", "HMMA")
+FP_OPS = ("FADD", "FMUL", "FFMA", "FSEL", "FMNMX")  # the promotion's and softmax's arithmetic
 # One SASS instruction as cuobjdump prints it: address, optional predicate, opcode, operands.
 _SASS_LINE = re.compile(
     r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)([^;]*);", re.M
@@ -138,7 +139,10 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> dict | None:
     backward branch's range holding the most MMA instructions (the innermost on a tie; with no
     MMA, the longest loop). It reports the depth of each wgmma wait inside it
     (`WARPGROUP.DEPBAR.LE gsb0, N`: N wgmma groups may stay in flight, so 0 idles the tensor
-    cores until the MMA drains), its TMA loads, async copies and shared-memory stores."""
+    cores until the MMA drains), its TMA loads, async copies and shared-memory stores, and,
+    from the loop run twice in program order: the wgmma groups still in flight when it
+    branches back, and the fp32 instructions it issues while a committed group is in flight
+    (the promotion or softmax work the tensor cores overlap)."""
     loops = []
     for addr, op, rest in instructions:
         target = re.fullmatch(r"(0x[0-9a-f]+)", rest.split()[-1]) if op == "BRA" else None
@@ -163,10 +167,26 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> dict | None:
         for _, op, rest in ops
         if op.startswith("WARPGROUP.DEPBAR") and "gsb0" in rest
     ]
+    # A wgmma runs from its issue; the last of a group (`gsb0`) commits the group, and a wait
+    # lets at most N committed groups stay in flight.
+    in_flight = overlapped = 0
+    open_group = False
+    for steady in (False, True):  # the second pass starts with the first pass's groups
+        for _, op, rest in ops:
+            kind = op.split(".")[0]
+            if kind in ("QGMMA", "HGMMA"):
+                open_group = "gsb0" not in rest
+                in_flight += not open_group
+            elif op.startswith("WARPGROUP.DEPBAR") and "gsb0" in rest:
+                in_flight = min(in_flight, int(rest.split(",")[-1], 16))
+            elif steady and kind in FP_OPS and (in_flight or open_group):
+                overlapped += 1
     return {
         "instructions": len(ops),
         "mma": sum(count[k] for k in MMA_KINDS),
         "wgmma_waits": waits,
+        "wgmma_in_flight": in_flight,
+        "overlapped_fp": overlapped,
         "tma_loads": count["UTMALDG"],
         "async_copies": count["LDGSTS"],
         "shared_stores": count["STS"] + count["STSM"],
@@ -223,23 +243,25 @@ def inspect_kernels(arch: str, ops=None, jobs: int | None = None, progress=None)
     return rows
 
 
-def _loop_summary(loop: dict | None) -> tuple[str, str, str]:
-    """(wgmma waits, TMA loads, shared stores) of a main loop, for the table: the waits as
-    their depths (`0` drains the MMA every iteration, `1` keeps one group in flight)."""
+def _loop_summary(loop: dict | None) -> tuple[str, ...]:
+    """(wgmma waits, groups in flight at the back edge / fp32 ops overlapped, TMA loads, shared
+    stores) of a main loop, for the table: the waits as their depths (`0` drains the MMA, `1`
+    keeps one group in flight)."""
     if loop is None:
-        return "-", "-", "-"
+        return "-", "-", "-", "-"
     waits = ",".join(str(d) for d in loop["wgmma_waits"]) or "-"
-    return waits, str(loop["tma_loads"]), str(loop["shared_stores"])
+    flight = f"{loop['wgmma_in_flight']}/{loop['overlapped_fp']}" if waits != "-" else "-"
+    return waits, flight, str(loop["tma_loads"]), str(loop["shared_stores"])
 
 
 def format_table(rows: list[dict]) -> str:
     head = ("op", "kernel", "config", "arch", "regs", "spill B", "smem B", "MMA")
-    head += ("loop waits", "loop TMA", "loop STS", "status")
+    head += ("loop waits", "in flight/FP", "loop TMA", "loop STS", "status")
     lines = [head]
     for r in rows:
         mma = " ".join(f"{k}x{v}" for k, v in r.get("mma", {}).items()) or "-"
         status = "; ".join(r["problems"]) or "ok"
-        waits, tma, sts = _loop_summary(r.get("loop")) if "loop" in r else ("?", "?", "?")
+        loop = _loop_summary(r["loop"]) if "loop" in r else ("?",) * 4
         lines.append(
             (
                 r["op"],
@@ -250,9 +272,7 @@ def format_table(rows: list[dict]) -> str:
                 str(r.get("spill_bytes", "?")),
                 str(r.get("shared_bytes", "?")),
                 mma,
-                waits,
-                tma,
-                sts,
+                *loop,
                 status,
             )
         )

@@ -54,13 +54,13 @@ def bound_and_ref(a, a_s, b, b_s, bias, pair, out_dtype, block_k):
     return ref, UNIT_ROUNDOFF[out_dtype] * (ref.abs() + acc_err) + acc_err
 
 
-def run(a, a_s, b, b_s, bias, out_dtype, pair, config=None):
+def run(a, a_s, b, b_s, bias, out_dtype, pair, config=None, fast_accum=False):
     """The launcher with `config` (default: the op's first choice) on a NaN-poisoned output."""
     M, N = a.shape[0], b.shape[0]
     if config is None:
         config = G.candidate_configs(a, b, pair[0] == "group")[0]
     out = poisoned((M, N), out_dtype, a.device)
-    G._launch(a, a_s, pair[0], b, b_s, pair[1], bias, out, config)
+    G._launch(a, a_s, pair[0], b, b_s, pair[1], bias, out, config, fast_accum)
     return out, config
 
 
@@ -179,6 +179,64 @@ def test_every_problem_has_a_config(cap, block_scaled):
                 assert all(c.meta["BLOCK_K"] == fp8.BLOCK for c in configs)
 
 
+# One FP8 MMA instruction on Hopper takes 32 of K (QGMMA.64xNx32).
+MMA_INSTRUCTION_K = 32
+
+
+@pytest.mark.parametrize("K", [5120, 14336])  # NeMo's hidden and MLP widths
+@pytest.mark.parametrize("pair", [("tensor", "tensor"), ("token", "channel")], ids="x".join)
+@pytest.mark.parametrize("family", ["pointer", "tma"])
+def test_fast_accum_error_is_bounded(K, pair, family, device, gen):
+    """fast_accum chains the whole K loop through the MMA accumulator: each of its K / 32 MMA
+    instructions rounds the running sum to the accumulator's precision, so the normwise error
+    against the fp64 product stays within (K / 32) unit round-offs of it (the README quotes
+    the bound, the benchmark the measured error). Promoted, the same product keeps the
+    round-off bound of every other test."""
+    M, N = 70, 136
+    ops = make_operands(M, N, K, pair, gen, device)
+    ref, bound = bound_and_ref(*ops, pair, torch.float32, 128)
+    if DEVICE == "cuda":  # the GPU's own first choice in the family
+        config = G.candidate_configs(ops[0], ops[2], False, family)[0]
+    else:  # the interpreter runs the Hopper config of the family
+        config = next(c for c in G.HOPPER_CONFIGS if c.meta["TMA"] == (family == "tma"))
+    fast, _ = run(*ops, torch.float32, pair, config, fast_accum=True)
+    err = (fast.double() - ref).norm() / ref.norm()
+    limit = K / MMA_INSTRUCTION_K * MMA_UNIT_ROUNDOFF + 4 * UNIT_ROUNDOFF[torch.float32]
+    assert torch.isfinite(fast).all() and err <= limit, (config.name, err.item(), limit)
+    promoted, _ = run(*ops, torch.float32, pair, config)
+    assert_within(promoted, ref, bound, f"K={K} {config.name} promoted")
+    public = fp8_gemm(*ops[:4], out_dtype=torch.float32, fast_accum=True)
+    assert (public.double() - ref).norm() / ref.norm() <= limit
+
+
+def test_one_config_family(gen, device):
+    """fp8_gemm_family (the benchmark's pointer-vs-TMA comparison) is fp8_gemm restricted to
+    one family's configs: the same numbers as the promoted op within its bound."""
+    M, N, K = 130, 136, 400
+    ops = make_operands(M, N, K, ("token", "channel"), gen, device)
+    ref, bound = bound_and_ref(*ops, ("token", "channel"), torch.float32, 128)
+    families = [f for f in ("pointer", "tma") if G.candidate_configs(ops[0], ops[2], False, f)]
+    assert "pointer" in families
+    for family in families:
+        out = G.fp8_gemm_family(*ops[:4], family, out_dtype=torch.float32)
+        assert_within(out, ref, bound, family)
+    with pytest.raises(ValueError, match="family must be 'pointer' or 'tma'"):
+        G.fp8_gemm_family(*ops[:4], "cutlass")
+
+
+def test_tma_configs_need_aligned_operands(gen):
+    """TMA loads from 16-byte aligned bases and row strides: with an operand that is not (a
+    view at an odd offset) only the pointer configs are left."""
+    M, N, K = 300, 256, 512
+    a, _, b, _, _ = make_operands(M, N, K, ("token", "channel"), gen, "cpu")
+    shifted = torch.empty(M * K + 8, dtype=torch.uint8)[8:].view(E4M3).view(M, K)
+    assert G.tma_ready(a, b) and not G.tma_ready(shifted, b)
+    kept = G.prune_configs(G.HOPPER_CONFIGS, M, N, K, False, 132, G.tma_ready(a, b))
+    assert any(c.meta["TMA"] for c in kept) and not all(c.meta["TMA"] for c in kept)
+    kept = G.prune_configs(G.HOPPER_CONFIGS, M, N, K, False, 132, G.tma_ready(shifted, b))
+    assert kept and not any(c.meta["TMA"] for c in kept)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs 2 GB of device memory and a GPU's speed")
 def test_offsets_past_2_31_elements(device, gen):
     """M * K > 2^31: row offsets must be computed in int64."""
@@ -247,6 +305,18 @@ BAD_INPUTS = [
     (bad(a_scale=1.0), TypeError, "a_scale must be torch.Tensor; got float"),
     (bad(bias=[0.0] * 48), TypeError, "bias must be torch.Tensor or None; got list"),
     (bad(out_dtype="bfloat16"), TypeError, "out_dtype must be torch.dtype; got str"),
+    (bad(fast_accum=1), TypeError, "fast_accum must be bool; got int"),
+    (
+        bad(
+            a=torch.ones(16, 256).to(E4M3),
+            a_scale=torch.ones(16, 2),
+            b=torch.ones(128, 256).to(E4M3),
+            b_scale=torch.ones(1, 2),
+            fast_accum=True,
+        ),
+        ValueError,
+        "fast_accum needs per-tensor/per-token",
+    ),  # fmt: skip
 ]
 
 

@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fp8nemo import fp8 as fp8_ref
 
@@ -52,12 +53,17 @@ SCALE_PAIRS = (
 )
 
 
-def _config(prefix, bm, bn, bk, warps, stages, split=1, swap=False, group_m=8):
+def _config(prefix, bm, bn, bk, warps, stages, split=1, swap=False, tma=False, overlap=False):
     """A named config; swap-AB configs tile the weight's rows with BLOCK_M and the tokens with
-    BLOCK_N, which is M's bucket (at least 16), hence 'M' in the name and bn=0 here."""
+    BLOCK_N, which is M's bucket (at least 16), hence 'M' in the name and bn=0 here. TMA
+    configs load through tensor descriptors on a persistent grid (_fp8_gemm_tma_kernel);
+    overlap configs split each tile in two halves along N and keep one half's MMA in flight
+    while the other is promoted."""
     name = f"{prefix}{bm}x{'M' if swap else bn}x{bk}w{warps}s{stages}"
-    name += (f"k{split}" if split > 1 else "") + ("swap" if swap else "")
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=group_m, SWAP=swap)
+    name += f"k{split}" if split > 1 else ""
+    name += "".join(tag for tag, on in (("swap", swap), ("tma", tma), ("ov", overlap)) if on)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, SWAP=swap)
+    meta.update(TMA=tma, OVERLAP=overlap)
     return KernelConfig(name, meta, warps, stages)
 
 
@@ -71,6 +77,16 @@ HOPPER_CONFIGS = [
     _config("h", 64, 128, 128, 4, 5),
     _config("h", 128, 128, 128, 8, 4, split=2),
     _config("h", 64, 128, 128, 4, 5, split=4),
+    # promotion overlapped with the other half-tile's MMA; the autotuner picks per shape
+    _config("h", 128, 128, 128, 8, 4, overlap=True),
+    _config("h", 64, 256, 128, 8, 4, overlap=True),
+    _config("h", 128, 128, 128, 8, 4, split=2, overlap=True),
+    # through TMA on a persistent grid, promoted per tile or overlapped
+    _config("h", 128, 128, 128, 8, 4, tma=True),
+    _config("h", 64, 256, 128, 8, 4, tma=True),
+    _config("h", 128, 64, 128, 4, 5, tma=True),
+    _config("h", 128, 128, 128, 8, 4, tma=True, overlap=True),
+    _config("h", 64, 256, 128, 8, 4, tma=True, overlap=True),
     # decode, swap-AB
     _config("h", 128, 0, 128, 4, 6, swap=True),
     _config("h", 64, 0, 128, 4, 8, swap=True),
@@ -121,13 +137,18 @@ def with_token_tile(config: KernelConfig, M: int) -> KernelConfig:
     )
 
 
-def prune_configs(configs, M, N, K, block_scaled, sms):
+def tma_ready(*operands: torch.Tensor) -> bool:
+    """Whether TMA can load these operands: 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in operands)
+
+
+def prune_configs(configs, M, N, K, block_scaled, sms, tma=True):
     """The configs worth timing for this problem, in preference order: swap-AB exactly when
     M <= 64, split-K only while the output tiles leave SMs idle and each split keeps at least
-    two K-tiles."""
+    two K-tiles, TMA only where `tma` says the operands allow it."""
     kept = []
     for c in configs:
-        if c.meta["SWAP"] != (M <= SMALL_M):
+        if c.meta["SWAP"] != (M <= SMALL_M) or (c.meta["TMA"] and not tma):
             continue
         c = with_token_tile(c, M)
         bm, bn, bk, split = (c.meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
@@ -141,80 +162,114 @@ def prune_configs(configs, M, N, K, block_scaled, sms):
     return kept
 
 
-@triton.jit(do_not_specialize=["M", "N"])  # M is the token count, N too under swap-AB
-def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
-    M, N, K,
-    stride_am, stride_bn, stride_cm, stride_cn, stride_cs,
-    stride_asm, stride_ask, stride_bsn, stride_bsk,
-    BLOCK_SCALED: tl.constexpr,  # group x block scales, applied per K-tile; else row scales
-    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,  # rows sharing one scale row: 1 or 128
-    BIAS: tl.constexpr,  # 0: none, 1: along M (swap-AB), 2: along N
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # a: [M, K] e4m3, b: [N, K] e4m3, both unit stride along K.
-    # c: [M, N] at (stride_cm, stride_cn), or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1.
-    # Row scales: a_scale[m // A_SCALE_ROWS * stride_asm] (stride 0 = per tensor).
-    # Block scales: a_scale[m, kt] and b_scale[n // 128, kt] for K-tile kt (BLOCK_K = 128).
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile `tile` in grouped order: GROUP_M row tiles in a row reuse
+    each B tile from L2."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles in a row reuse each B tile from L2.
     width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
+    first_m = (tile // width) * GROUP_M
     group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m = first_m + (tile % width) % group_rows
+    pid_n = (tile % width) // group_rows
+    return pid_m, pid_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past the edge wrap onto valid rows: the loads need no mask, the store has one.
-    rows_a = (offs_m % M).to(tl.int64)
-    rows_b = (offs_n % N).to(tl.int64)
-    a_scale_ptrs = a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm
-    b_scale_ptrs = b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    split_tiles = tl.cdiv(k_tiles, SPLIT_K)
-    kt_start = pid_k * split_tiles
-    kt_end = min(kt_start + split_tiles, k_tiles)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kt_start * BLOCK_K + offs_k)[None, :]
-    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kt_start * BLOCK_K + offs_k)[None, :]
+@triton.jit
+def _scale_block(
+    part, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """K-tile kt's partial product times its group x block scales; the tile's rows start at
+    row0_a and row0_b."""
+    # A tile no taller than a 128-row scale block lies inside one: a single scale, which saves
+    # the registers of a per-row vector.
+    if A_SCALE_ROWS % BLOCK_M == 0:
+        a_s = tl.load(a_scale_ptr + (row0_a // A_SCALE_ROWS) * stride_asm + kt * stride_ask)
+    else:
+        a_s = tl.load(a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm + kt * stride_ask)[
+            :, None
+        ]
+    if B_SCALE_ROWS % BLOCK_N == 0:
+        b_s = tl.load(b_scale_ptr + (row0_b // B_SCALE_ROWS) * stride_bsn + kt * stride_bsk)
+    else:
+        b_s = tl.load(b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn + kt * stride_bsk)[
+            None, :
+        ]
+    return part * a_s * b_s
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(kt_start, kt_end):
+
+@triton.jit
+def _accumulate(
+    acc, a, b, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr, FAST_ACCUM: tl.constexpr,
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """acc + a @ b.T for one K-tile: a fresh MMA chain promoted into the fp32 accumulator (see
+    the module doc), or with FAST_ACCUM the MMA's own accumulator chained across K."""
+    if FAST_ACCUM:
+        acc = tl.dot(a, tl.trans(b), acc)
+    else:
+        acc = _promote(
+            acc, tl.dot(a, tl.trans(b)), kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr,
+            rows_a, rows_b, stride_asm, stride_ask, stride_bsn, stride_bsk,
+            BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _promote(
+    acc, part, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr, A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """acc + K-tile kt's partial product (times its block scales, if any) in fp32."""
+    if BLOCK_SCALED:
+        part = _scale_block(
+            part, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b,
+            stride_asm, stride_ask, stride_bsn, stride_bsk,
+            A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    return acc + part
+
+
+@triton.jit
+def _load_k_tile(
+    src, rows, row0, kt, K, stride, offs_k,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """K-tile kt of an operand's tile whose rows are `rows` (from row0): through its tensor
+    descriptor (TMA zero-fills past the edges), or by pointer, reading zeros past a ragged K."""
+    if TMA:
+        tile = src.load([row0, kt * BLOCK_K])
+    else:
+        ptrs = src + rows[:, None] * stride + (kt * BLOCK_K + offs_k)[None, :]
         if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+            tile = tl.load(ptrs)
         else:
-            k_mask = offs_k < K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
-        # A fresh MMA chain per K-tile, added into the fp32 accumulator (see the module doc).
-        part = tl.dot(a, tl.trans(b))
-        if BLOCK_SCALED:
-            # A tile no taller than a 128-row scale block lies inside one: a single scale,
-            # which saves the registers of a per-row vector.
-            if A_SCALE_ROWS % BLOCK_M == 0:
-                row = pid_m * BLOCK_M // A_SCALE_ROWS
-                a_s = tl.load(a_scale_ptr + row * stride_asm + kt * stride_ask)
-            else:
-                a_s = tl.load(a_scale_ptrs + kt * stride_ask)[:, None]
-            if B_SCALE_ROWS % BLOCK_N == 0:
-                row = pid_n * BLOCK_N // B_SCALE_ROWS
-                b_s = tl.load(b_scale_ptr + row * stride_bsn + kt * stride_bsk)
-            else:
-                b_s = tl.load(b_scale_ptrs + kt * stride_bsk)[None, :]
-            part = part * a_s * b_s
-        acc += part
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if not BLOCK_SCALED:
-        acc *= tl.load(a_scale_ptrs)[:, None] * tl.load(b_scale_ptrs)[None, :]
+            tile = tl.load(ptrs, mask=(offs_k < K - kt * BLOCK_K)[None, :], other=0.0)
+    return tile
 
+
+@triton.jit
+def _store_tile(
+    acc, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, rows_a, rows_b, offs_m, offs_n, pid_k,
+    M, N, stride_cm, stride_cn, stride_cs, stride_asm, stride_bsn,
+    BLOCK_SCALED: tl.constexpr, A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
+    BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """Row scales, bias and the masked store of one output tile (fp32 partials under split-K)."""
+    if not BLOCK_SCALED:
+        a_s = tl.load(a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm)
+        b_s = tl.load(b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn)
+        acc *= a_s[:, None] * b_s[None, :]
     offs_m = offs_m.to(tl.int64)
     offs_n = offs_n.to(tl.int64)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -227,6 +282,161 @@ def _fp8_gemm_kernel(
         elif BIAS == 2:
             acc += tl.load(bias_ptr + rows_b).to(tl.float32)[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _gemm_tile(
+    a_src, b_src, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, pid_k,
+    M, N, K,
+    stride_am, stride_bn, stride_cm, stride_cn, stride_cs,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr, FAST_ACCUM: tl.constexpr, OVERLAP: tl.constexpr,
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr, BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Output tile (pid_m, pid_n), K-slice pid_k of SPLIT_K: the K loop and the store."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past the edge wrap onto valid rows: the loads need no mask, the store has one.
+    rows_a = (offs_m % M).to(tl.int64)
+    rows_b = (offs_n % N).to(tl.int64)
+    row0_a = pid_m * BLOCK_M
+    row0_b = pid_n * BLOCK_N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    split_tiles = tl.cdiv(k_tiles, SPLIT_K)
+    kt_start = pid_k * split_tiles
+    kt_end = min(kt_start + split_tiles, k_tiles)
+    offs_k = tl.arange(0, BLOCK_K)
+    if OVERLAP:
+        # Each K-tile as two [BLOCK_M, BLOCK_N / 2] products. The first is waited for at once
+        # (that wait also drains the previous tile's second half); the second is issued next,
+        # and its result is only read after that wait in the next iteration: Triton keeps
+        # such a dot asynchronous, so one wgmma group stays in flight through the loop's
+        # loads and part of the promotions. (A promoted full tile cannot do this: the
+        # pipeliner waits for any dot whose result an add reads in the same iteration.)
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n0 = row0_b + tl.arange(0, HALF)
+        offs_n1 = offs_n0 + HALF
+        rows_b0 = (offs_n0 % N).to(tl.int64)
+        rows_b1 = (offs_n1 % N).to(tl.int64)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        prev1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)  # the last tile's second half
+        for kt in range(kt_start, kt_end):
+            a = _load_k_tile(a_src, rows_a, row0_a, kt, K, stride_am, offs_k, BLOCK_K, EVEN_K, TMA)
+            b0 = _load_k_tile(
+                b_src, rows_b0, row0_b, kt, K, stride_bn, offs_k, BLOCK_K, EVEN_K, TMA
+            )
+            b1 = _load_k_tile(
+                b_src, rows_b1, row0_b + HALF, kt, K, stride_bn, offs_k, BLOCK_K, EVEN_K, TMA
+            )
+            part0 = tl.dot(a, tl.trans(b0))
+            # No branch here (ptxas serializes wgmma across one): the first step adds the
+            # zeros prev1 starts as, and block scales are selected away rather than multiplied
+            # into them (0 x inf would be NaN).
+            if BLOCK_SCALED:
+                last = _scale_block(
+                    prev1, tl.maximum(kt - 1, kt_start), row0_a, row0_b + HALF,
+                    a_scale_ptr, b_scale_ptr, rows_a, rows_b1,
+                    stride_asm, stride_ask, stride_bsn, stride_bsk,
+                    A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, HALF,
+                )  # fmt: skip
+                acc1 += tl.where(kt > kt_start, last, 0.0)
+            else:
+                acc1 += prev1
+            prev1 = tl.dot(a, tl.trans(b1))
+            acc0 = _promote(
+                acc0, part0, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b0,
+                stride_asm, stride_ask, stride_bsn, stride_bsk,
+                BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, HALF,
+            )  # fmt: skip
+        if kt_end > kt_start:  # an empty split-K slice has no last tile
+            acc1 = _promote(
+                acc1, prev1, kt_end - 1, row0_a, row0_b + HALF, a_scale_ptr, b_scale_ptr,
+                rows_a, rows_b1, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, HALF,
+            )  # fmt: skip
+        _store_tile(
+            acc0, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, rows_a, rows_b0, offs_m, offs_n0,
+            pid_k, M, N, stride_cm, stride_cn, stride_cs, stride_asm, stride_bsn,
+            BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BIAS, SPLIT_K,
+        )  # fmt: skip
+        _store_tile(
+            acc1, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, rows_a, rows_b1, offs_m, offs_n1,
+            pid_k, M, N, stride_cm, stride_cn, stride_cs, stride_asm, stride_bsn,
+            BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BIAS, SPLIT_K,
+        )  # fmt: skip
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(kt_start, kt_end):
+            a = _load_k_tile(a_src, rows_a, row0_a, kt, K, stride_am, offs_k, BLOCK_K, EVEN_K, TMA)
+            b = _load_k_tile(b_src, rows_b, row0_b, kt, K, stride_bn, offs_k, BLOCK_K, EVEN_K, TMA)
+            acc = _accumulate(
+                acc, a, b, kt, row0_a, row0_b, a_scale_ptr, b_scale_ptr, rows_a, rows_b,
+                stride_asm, stride_ask, stride_bsn, stride_bsk,
+                BLOCK_SCALED, FAST_ACCUM, A_SCALE_ROWS, B_SCALE_ROWS, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        _store_tile(
+            acc, c_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, rows_a, rows_b, offs_m, offs_n, pid_k,
+            M, N, stride_cm, stride_cn, stride_cs, stride_asm, stride_bsn,
+            BLOCK_SCALED, A_SCALE_ROWS, B_SCALE_ROWS, BIAS, SPLIT_K,
+        )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "N"])  # M is the token count, N too under swap-AB
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_cm, stride_cn, stride_cs,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr,  # group x block scales, applied per K-tile; else row scales
+    FAST_ACCUM: tl.constexpr,  # chain the whole K loop through the MMA accumulator
+    OVERLAP: tl.constexpr,  # promote one half-tile while the other's MMA runs (_gemm_tile)
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr,  # rows sharing one scale row: 1 or 128
+    BIAS: tl.constexpr,  # 0: none, 1: along M (swap-AB), 2: along N
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # a: [M, K] e4m3, b: [N, K] e4m3, both unit stride along K.
+    # c: [M, N] at (stride_cm, stride_cn), or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1.
+    # Row scales: a_scale[m // A_SCALE_ROWS * stride_asm] (stride 0 = per tensor).
+    # Block scales: a_scale[m, kt] and b_scale[n // 128, kt] for K-tile kt (BLOCK_K = 128).
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _gemm_tile(
+        a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, tl.program_id(1),
+        M, N, K, stride_am, stride_bn, stride_cm, stride_cn, stride_cs,
+        stride_asm, stride_ask, stride_bsn, stride_bsk,
+        BLOCK_SCALED, FAST_ACCUM, OVERLAP, A_SCALE_ROWS, B_SCALE_ROWS, BIAS, SPLIT_K, EVEN_K,
+        False, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _fp8_gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K,
+    stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALED: tl.constexpr, FAST_ACCUM: tl.constexpr, OVERLAP: tl.constexpr,
+    A_SCALE_ROWS: tl.constexpr, B_SCALE_ROWS: tl.constexpr, BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # _fp8_gemm_kernel's product, loading both operands through tensor descriptors (TMA on
+    # Hopper: one thread issues each tile's copy, which zero-fills past the edges) on a
+    # persistent grid: at most one program per SM walks the output tiles in grouped order.
+    # a_desc: [M, K] e4m3 in [BLOCK_M, BLOCK_K] blocks; b_desc: [N, K] in [BLOCK_N, BLOCK_K]
+    # blocks, [BLOCK_N / 2, BLOCK_K] under OVERLAP.
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _gemm_tile(
+            a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, 0,
+            M, N, K, 0, 0, stride_cm, stride_cn, 0,
+            stride_asm, stride_ask, stride_bsn, stride_bsk,
+            BLOCK_SCALED, FAST_ACCUM, OVERLAP, A_SCALE_ROWS, B_SCALE_ROWS, BIAS,
+            1, True, True, BLOCK_M, BLOCK_N, BLOCK_K,  # one K-slice; TMA zero-fills a ragged K
+        )  # fmt: skip
 
 
 @triton.jit
@@ -262,7 +472,7 @@ def _scale_kinds(scale, rows, K, row_kind, block_kind, block_rows):
     return kinds
 
 
-def _check_args(a, a_scale, b, b_scale, bias, out_dtype):
+def _check_args(a, a_scale, b, b_scale, bias, out_dtype, fast_accum=False):
     """Validate the op's arguments; returns (a_kind, b_kind) of the scales."""
     e4m3 = (fp8_ref.E4M3,)
     check_tensor("a", a, e4m3, ndim=2)
@@ -298,6 +508,11 @@ def _check_args(a, a_scale, b, b_scale, bias, out_dtype):
     b_kinds = _scale_kinds(b_scale, N, K, "channel", "block", SCALE_BLOCK)
     for a_kind, b_kind in SCALE_PAIRS:
         if a_kind in a_kinds and b_kind in b_kinds:
+            if fast_accum and a_kind == "group":
+                raise ValueError(
+                    "fast_accum needs per-tensor/per-token x per-tensor/per-channel scales: "
+                    "group x block scales apply per K-tile, so every tile is promoted"
+                )
             return a_kind, b_kind
     kb, nb = math.ceil(K / SCALE_BLOCK), math.ceil(N / SCALE_BLOCK)
     raise ValueError(
@@ -318,13 +533,17 @@ def _scale_strides(scale, kind):
     return scale.stride(0), scale.stride(1)
 
 
-def _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> list[Launch]:
+def _launches(
+    a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config, fast_accum=False
+) -> list[Launch]:
     """The launches that compute out = a @ b.T with `config`; under SWAP they compute
     out.T = b @ a.T, writing out through transposed strides."""
     M, K = a.shape
     N = b.shape[0]
     meta = dict(config.meta)
-    swap, split = meta.pop("SWAP"), meta["SPLIT_K"]
+    swap, tma, split = meta.pop("SWAP"), meta.pop("TMA"), meta["SPLIT_K"]
+    # fast_accum chains K through the MMA: there is no promotion to overlap
+    meta["OVERLAP"] = meta["OVERLAP"] and not fast_accum
     block_scaled = a_kind == "group"
     sa, sb = _scale_strides(a_scale, a_kind), _scale_strides(b_scale, b_kind)
     rows_a, rows_b = 1, (SCALE_BLOCK if block_scaled else 1)
@@ -339,15 +558,33 @@ def _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> list
         if split == 1
         else torch.empty((split, *out.shape), dtype=torch.float32, device=a.device)
     )
-    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    flags = dict(
+        BLOCK_SCALED=block_scaled, FAST_ACCUM=fast_accum, A_SCALE_ROWS=rows_a,
+        B_SCALE_ROWS=rows_b, BIAS=bias_dim,
+    )  # fmt: skip
+    if tma:
+        bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk])
+        b_rows = bn // 2 if meta["OVERLAP"] else bn
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [b_rows, bk])
+        del meta["SPLIT_K"]
+        gemm = launch(
+            _fp8_gemm_tma_kernel, (min(tiles, num_sms(a.device)),),
+            a_desc, b_desc, out, a_scale, b_scale, bias,
+            M, N, K,
+            stride_cm, stride_cn, *sa, *sb,
+            **flags, **meta,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return [gemm]
     gemm = launch(
-        _fp8_gemm_kernel, grid,
+        _fp8_gemm_kernel, (tiles, split),
         a, b, c, a_scale, b_scale, bias,
         M, N, K,
         a.stride(0), b.stride(0), stride_cm, stride_cn, out.numel() if split > 1 else 0,
         *sa, *sb,
-        BLOCK_SCALED=block_scaled, A_SCALE_ROWS=rows_a, B_SCALE_ROWS=rows_b, BIAS=bias_dim,
-        EVEN_K=K % meta["BLOCK_K"] == 0, **meta,
+        **flags, EVEN_K=K % meta["BLOCK_K"] == 0, **meta,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split == 1:
@@ -360,47 +597,54 @@ def _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> list
     return [gemm, reduce]
 
 
-def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config) -> None:
-    for step in _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config):
+def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config, fast_accum=False):
+    for step in _launches(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config, fast_accum):
         step()
 
 
 _tuner = Autotuner("fp8_gemm")
 
 
-def candidate_configs(a, b, block_scaled):
-    """The pruned configs for this device and problem, in preference order."""
+def candidate_configs(a, b, block_scaled, family=None):
+    """The pruned configs for this device and problem, in preference order; `family`
+    ("pointer" or "tma"), if given, keeps only those that load that way."""
     M, K = a.shape
-    return prune_configs(
-        configs_for(capability(a.device)), M, b.shape[0], K, block_scaled, num_sms(a.device)
-    )
+    configs = configs_for(capability(a.device))
+    if family is not None:
+        configs = [c for c in configs if c.meta["TMA"] == (family == "tma")]
+    sms = num_sms(a.device)
+    return prune_configs(configs, M, b.shape[0], K, block_scaled, sms, tma_ready(a, b))
 
 
-def _fp8_gemm_impl(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
-    a_kind, b_kind = _check_args(a, a_scale, b, b_scale, bias, out_dtype)
+def _fp8_gemm_impl(
+    a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16, fast_accum=False, family=None
+):
+    a_kind, b_kind = _check_args(a, a_scale, b, b_scale, bias, out_dtype, fast_accum)
     M, N = a.shape[0], b.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:  # before the path choice, so both paths agree
         return out
     if not use_triton(a.device, "fp8_gemm"):
+        # The reference accumulates in fp32 with or without fast_accum.
         return fp8_ref.scaled_mm(a, a_scale, a_kind, b, b_scale, b_kind, bias, out_dtype)
     key = (a.device, a_kind, b_kind, bias is not None, out_dtype, m_bucket(M), N, a.shape[1])
+    key += (fast_accum, tma_ready(a, b)) + ((family,) if family else ())
 
     def run(config):
-        _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config)
+        _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config, fast_accum)
 
-    run(_tuner.choose(key, lambda: candidate_configs(a, b, a_kind == "group"), run))
+    run(_tuner.choose(key, lambda: candidate_configs(a, b, a_kind == "group", family), run))
     return out
 
 
-def _fp8_gemm_fake(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16):
-    _check_args(a, a_scale, b, b_scale, bias, out_dtype)
+def _fp8_gemm_fake(a, a_scale, b, b_scale, bias=None, out_dtype=torch.bfloat16, fast_accum=False):
+    _check_args(a, a_scale, b, b_scale, bias, out_dtype, fast_accum)
     return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
 
 
 register_op(
     "fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor? bias=None, "
-    "ScalarType out_dtype=bfloat16) -> Tensor",
+    "ScalarType out_dtype=bfloat16, bool fast_accum=False) -> Tensor",
     _fp8_gemm_impl,
     _fp8_gemm_fake,
 )
@@ -413,12 +657,17 @@ def fp8_gemm(
     b_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """`(a * a_scale) @ (b * b_scale).T + bias` -> `[M, N]` in `out_dtype`.
 
     a `[M, K]` and b `[N, K]` are float8_e4m3fn with K a multiple of 16; the scale pair is
     per-tensor/per-token x per-tensor/per-channel, or 1x128 groups x 128x128 blocks (see the
-    module docstring for shapes). Accumulates in fp32.
+    module docstring for shapes). Accumulates in fp32, promoting every 128-wide K-tile.
+
+    fast_accum=True (row scales only) chains the whole K loop through the MMA's accumulator,
+    as `torch._scaled_mm(use_fast_accum=True)` does: faster on Hopper, whose FP8 MMA adds in
+    about 14 bits, at an error that grows with K (README, "fast_accum").
     """
     # Types the op's schema would reject with a dispatcher RuntimeError; the rest is checked
     # where the op runs, so torch.ops.fp8nemo.fp8_gemm checks it too.
@@ -429,8 +678,17 @@ def fp8_gemm(
         b_scale=(b_scale, torch.Tensor),
         bias=(bias, (torch.Tensor, type(None))),
         out_dtype=(out_dtype, torch.dtype),
+        fast_accum=(fast_accum, bool),
     )
-    return torch.ops.fp8nemo.fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype)
+    return torch.ops.fp8nemo.fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype, fast_accum)
+
+
+def fp8_gemm_family(a, a_scale, b, b_scale, family, fast_accum=False, out_dtype=torch.bfloat16):
+    """fp8_gemm tuned among one config family only ("pointer" or "tma"): the benchmark's way
+    to time today's loop beside the TMA/persistent one at one shape."""
+    if family not in ("pointer", "tma"):
+        raise ValueError(f"family must be 'pointer' or 'tma'; got {family!r}")
+    return _fp8_gemm_impl(a, a_scale, b, b_scale, None, out_dtype, fast_accum, family)
 
 
 def aot_specs(cap: int):
@@ -447,7 +705,14 @@ def aot_specs(cap: int):
         for M in (16, 64) if config.meta["SWAP"] else (4096,):
             c = with_token_tile(config, M)
             name = c.name.replace("xM", f"x{c.meta['BLOCK_N']}")
-            for a_kind, b_kind in (("token", "channel"), ("group", "block")):
+            # fast_accum where it matters: the prefill tiles, with or without TMA
+            # (an overlap config's fast_accum launch is its plain twin's)
+            plain = c.meta["SPLIT_K"] == 1 and not c.meta["SWAP"] and not c.meta["OVERLAP"]
+            fast = (False, True) if plain else (False,)
+            for a_kind, b_kind, fast_accum in (
+                *(("token", "channel", f) for f in fast),
+                ("group", "block", False),
+            ):
                 if not fits(c, a_kind == "group", c.meta["BLOCK_N"]):
                     continue
                 a = torch.empty(M, K, dtype=fp8_ref.E4M3, device="meta")
@@ -455,7 +720,8 @@ def aot_specs(cap: int):
                 a_s = torch.empty(fp8_ref.scale_shape(a.shape, a_kind), device="meta")
                 b_s = torch.empty(fp8_ref.scale_shape(b.shape, b_kind), device="meta")
                 out = torch.empty(M, N, dtype=torch.bfloat16, device="meta")
-                for step in _launches(a, a_s, a_kind, b, b_s, b_kind, None, out, c):
-                    expect = mma if step.kernel is _fp8_gemm_kernel else None
-                    specs.append(AotSpec("fp8_gemm", f"{name} {a_kind}/{b_kind}", step, expect))
+                label = f"{name} {a_kind}/{b_kind}" + (" fast_accum" if fast_accum else "")
+                for step in _launches(a, a_s, a_kind, b, b_s, b_kind, None, out, c, fast_accum):
+                    expect = mma if step.kernel is not _split_k_reduce_kernel else None
+                    specs.append(AotSpec("fp8_gemm", label, step, expect))
     return specs
