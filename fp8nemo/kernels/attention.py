@@ -4,7 +4,8 @@ length batches, optional LSE; fp16/bf16, or e4m3 Q/K/V with descales. Registered
 
 Shapes:
     q      [B, S, Hq, D]  or packed [T, Hq, D] with cu_seqlens [B + 1] int32 and max_seqlen
-    k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16
+    k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16;
+           unit stride along D, or for an e4m3 v along keys (key-major, from v_key_major)
     out    like q (bf16 for e4m3 input);  lse [B, Hq, S] or [Hq, T] fp32, natural log
     q/k/v_descale  [B, Hk] or one element fp32 (e4m3 only), positive: x ~= x_fp8 * descale
 
