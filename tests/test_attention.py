@@ -14,7 +14,7 @@ from conftest import DEVICE
 from helpers import check_bad_input, poisoned, randn
 
 from fp8nemo import fp8
-from fp8nemo.kernels import flash_attention
+from fp8nemo.kernels import flash_attention, v_key_major
 from fp8nemo.kernels._triton import capability
 from fp8nemo.kernels.attention import attention_reference
 
@@ -161,13 +161,62 @@ def named_configs():
 
 @pytest.mark.parametrize("config, D, fp8_path", list(named_configs()))
 def test_every_named_config(config, D, fp8_path, device, gen):
-    """The kernel under each config's tile sizes: causal with a window, and packed."""
+    """The kernel under each config's tile sizes: causal with a window, and packed; FP8 also
+    with a key-major V."""
     dtype = E4M3 if fp8_path else torch.bfloat16
+    layouts = (lambda v: v, v_key_major) if fp8_path else (lambda v: v,)
     (q, k, v), scales = make_qkv((2, 150, 8, D), (2, 150, 2, D), dtype, gen, device, (2, 2))
-    check(q, k, v, config, causal=True, window=70, **scales)
+    for layout in layouts:
+        check(q, k, layout(v), config, causal=True, window=70, **scales)
     cu = torch.tensor([0, 1, 99, 150], dtype=torch.int32, device=device)
     (q, k, v), scales = make_qkv((150, 8, D), (150, 2, D), dtype, gen, device, (3, 2))
-    check(q, k, v, config, causal=False, cu_seqlens=cu, max_seqlen=98, **scales)
+    for layout in layouts:
+        check(q, k, layout(v), config, causal=False, cu_seqlens=cu, max_seqlen=98, **scales)
+
+
+KEY_MAJOR_CASES = {
+    "causal": dict(shape=(2, 150, 8, 2, 128), causal=True),
+    "not causal, S % 16 = 13": dict(shape=(2, 141, 8, 2, 128), causal=False),
+    "MQA 8:1, D=64": dict(shape=(1, 200, 8, 1, 64), causal=True),
+    "1:1, D=256": dict(shape=(1, 70, 2, 2, 256), causal=True),
+    "window 37": dict(shape=(1, 300, 8, 2, 64), causal=True, window=37),
+    # first keys at tokens 0, 1, 38 (off the 16-token grid), 238 and 243; T = 257
+    "packed causal": dict(lengths=[1, 37, 200, 5, 14], causal=True),
+    "packed not causal": dict(lengths=[1, 37, 200, 5, 14], causal=False),
+    "packed window 16": dict(lengths=[3, 61, 120], causal=True, window=16),
+}
+
+
+@pytest.mark.parametrize("case", list(KEY_MAJOR_CASES))
+def test_fp8_key_major_v(case, device, gen):
+    """An e4m3 V in key-major memory (v_key_major: keys contiguous, as Hopper's FP8 MMA reads
+    P @ V's V) gives the result the D-contiguous V gives, within flash-attn's rule of the
+    reference, for every kind of call: both layouts are checked on the same fresh inputs.
+    Packed, the key tiles start on the 16-token grid before each sequence (so they round P
+    differently); otherwise they are the same tiles and the results the same bits."""
+    kw = dict(KEY_MAJOR_CASES[case])
+    if "lengths" in kw:
+        lengths = kw.pop("lengths")
+        T = sum(lengths)
+        bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        kw |= dict(cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
+                   max_seqlen=max(lengths))  # fmt: skip
+        shape_q, shape_kv, descale_shape = (T, 8, 64), (T, 2, 64), (len(lengths), 2)
+    else:
+        B, S, Hq, Hk, D = kw.pop("shape")
+        shape_q, shape_kv, descale_shape = (B, S, Hq, D), (B, S, Hk, D), (B, Hk)
+    (q, k, v), scales = make_qkv(shape_q, shape_kv, E4M3, gen, device, descale_shape)
+    v_km = v_key_major(v)
+    assert (
+        v_km.stride(-3) == 1
+        and v_km.stride(-1) % 16 == 0
+        and torch.equal(v_km.view(torch.uint8), v.view(torch.uint8))
+    )
+    out, lse = check(q, k, v, **kw, **scales)
+    out_km, lse_km = check(q, k, v_km, **kw, **scales)
+    if "cu_seqlens" not in kw:  # the same key tiles of the same values: the same bits
+        assert torch.equal(out_km.view(torch.uint8), out.view(torch.uint8))
+        assert torch.equal(lse_km, lse)
 
 
 def test_strided_cu_seqlens(device, gen):
@@ -237,9 +286,36 @@ BAD_INPUTS = [
 ]  # fmt: skip
 
 
+def fp8_qkv(**kw):
+    descales = {n: torch.full((), 0.01) for n in ("q_descale", "k_descale", "v_descale")}
+    return qkv(**{"q": torch.ones(2, 8, 4, 64).to(E4M3), "k": e4m3, "v": e4m3, **descales, **kw})
+
+
+BAD_INPUTS += [
+    # V with neither D nor its keys contiguous
+    (fp8_qkv(v=torch.ones(2, 8, 2, 128).to(E4M3)[..., ::2]), ValueError, r"v must have unit stride along D, or along keys .* got strides \[2048, 256, 128, 2\]"),
+    # key-major, but 8 keys in storage that ends there: the kernel reads 16
+    (fp8_qkv(v=torch.ones(2, 2, 64, 8).to(E4M3).permute(0, 3, 1, 2)), ValueError, "v is key-major with 8 keys, read in groups of 16: its storage must hold 8 more"),
+    (fp8_qkv(v=v_key_major(e4m3)), None, None),
+    (packed(q=torch.ones(9, 4, 64).to(E4M3), k=torch.ones(9, 2, 64).to(E4M3), v=v_key_major(torch.ones(9, 2, 64).to(E4M3)),
+            q_descale=torch.full((), 0.01), k_descale=torch.full((), 0.01), v_descale=torch.full((), 0.01)), None, None),
+    # key-major is for e4m3 V only
+    (qkv(v=v_key_major(torch.randn(2, 8, 2, 64).bfloat16())), ValueError, "v must have unit stride along D; got strides"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
 def test_bad_input_is_a_clear_error(kwargs, error, match):
     check_bad_input(flash_attention, kwargs, error, match)
+
+
+def test_v_key_major_takes_v_shapes():
+    with pytest.raises(
+        ValueError, match=r"v must be \[B, S, Hk, D\] or packed \[T, Hk, D\]; got shape \[8, 64\]"
+    ):
+        v_key_major(torch.ones(8, 64).to(E4M3))
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        v_key_major([1.0])
 
 
 def test_fp8_mixed_descale_layouts(device, gen):
@@ -396,6 +472,27 @@ def test_nonfinite_in_packed_sequences(dtype, device, gen):
         assert out[36].isnan().all() and out[:36].isfinite().all()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_nonfinite_key_major_v(packed, device, gen):
+    """A key-major e4m3 V with NaN at hidden and seen keys: the exact pass reads it through its
+    strides, and a packed sequence's neighbours (in its first and last key tiles) stay finite."""
+    if packed:
+        cu = torch.tensor([0, 37, 237, 242, 302], dtype=torch.int32, device=device)
+        kw = dict(cu_seqlens=cu, max_seqlen=200)
+        (q, k, v), scales = make_qkv((302, 8, 64), (302, 2, 64), E4M3, gen, device, (4, 2))
+        v_bad = with_garbage(v, [(40,), (36,), (238, 1, 9), (241, 0, 2)], E4M3, float("nan"))
+    else:
+        kw = {}
+        (q, k, v), scales = make_qkv((2, 150, 8, 64), (2, 150, 2, 64), E4M3, gen, device, (2, 2))
+        v_bad = with_garbage(v, [(0, 100), (1, 140, 1, 5), (0, 90, 0, 3)], E4M3, float("nan"))
+    out = check_nonfinite(q, k, v_key_major(v_bad), None, causal=True, **kw, **scales)
+    if packed:
+        assert out[37:40].isfinite().all() and out[242:].isfinite().all()
+        assert out[36].isnan().all() and out[:36].isfinite().all()
+    else:
+        assert out[0, :90].isfinite().all() and out[1, :140].isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, E4M3], ids=str)
 def test_visible_nonfinite_v_still_propagates(dtype, device, gen):
     """Not causal: every query sees every key, so a NaN V element makes its column NaN in
@@ -462,11 +559,6 @@ def test_one_element_descales_of_any_shape(device, gen):
     scales = {n: t.reshape(1, 1) for n, t in scales.items()}
     scales["v_descale"] = scales["v_descale"].reshape(1, 1, 1)
     check(q, k, v, causal=True, **scales)
-
-
-def fp8_qkv(**kw):
-    descales = {n: torch.full((), 0.01) for n in ("q_descale", "k_descale", "v_descale")}
-    return qkv(q=torch.ones(2, 8, 4, 64).to(E4M3), k=e4m3, v=e4m3, **{**descales, **kw})
 
 
 @pytest.mark.parametrize(

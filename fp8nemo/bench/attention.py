@@ -1,5 +1,6 @@
-"""The attention suite: causal prefill with flash_attention in bf16 and FP8 beside torch's flash
-scaled_dot_product_attention, in TFLOP/s."""
+"""The attention suite: causal prefill with flash_attention in bf16 and FP8 (V D-contiguous, and
+key-major as v_key_major lays it out) beside torch's flash scaled_dot_product_attention, in
+TFLOP/s."""
 
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ def _sdpa(q, k, v, causal):
 
 
 def run_case(env, device, name, B, S, Hq, Hk, D) -> list:
-    """flash_attention in bf16 and FP8 (per-tensor descales) beside torch's flash SDPA; the
-    check compares the first 256 queries of sequence 0 (causal: they see only each other)
-    with the fp32 reference."""
-    from fp8nemo.kernels import flash_attention
+    """flash_attention in bf16 and FP8 (per-tensor descales; V D-contiguous and key-major, the
+    same values) beside torch's flash SDPA; the check compares the first 256 queries of
+    sequence 0 (causal: they see only each other) with the fp32 reference."""
+    from fp8nemo.kernels import flash_attention, v_key_major
     from fp8nemo.kernels.attention import attention_reference
 
     gen = torch.Generator(device=device).manual_seed(S * 31 + B)
@@ -65,10 +66,11 @@ def run_case(env, device, name, B, S, Hq, Hk, D) -> list:
     ours = functools.partial(flash_attention, q, k, v, causal=True)
     measure(env, device, rows, case, "fp8nemo", "bf16", ours, flops, half_bytes, False, check)
     (q8, qs), (k8, ks), (v8, vs) = (fp8_ref.quantize(t, "tensor") for t in (q, k, v))
-    ours8 = functools.partial(flash_attention, q8, k8, v8, causal=True, q_descale=qs.reshape(()),
-                              k_descale=ks.reshape(()), v_descale=vs.reshape(()))  # fmt: skip
+    descales = dict(q_descale=qs.reshape(()), k_descale=ks.reshape(()), v_descale=vs.reshape(()))
     fp8_bytes = B * S * D * (Hq + 2 * Hk) + 2 * B * S * Hq * D
-    measure(env, device, rows, case, "fp8nemo", "fp8", ours8, flops, fp8_bytes, True, check)
+    for scheme, v_layout in (("fp8", v8), ("fp8 vkeymajor", v_key_major(v8))):
+        ours8 = functools.partial(flash_attention, q8, k8, v_layout, causal=True, **descales)
+        measure(env, device, rows, case, "fp8nemo", scheme, ours8, flops, fp8_bytes, True, check)
     if env.on_gpu:
         sdpa = functools.partial(_sdpa, q, k, v, True)
         measure(

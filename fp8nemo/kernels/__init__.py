@@ -1,7 +1,7 @@
 """Triton kernels, one op per file, each registered as `torch.ops.fp8nemo.<name>`."""
 
 from ._triton import value_checks
-from .attention import flash_attention
+from .attention import flash_attention, v_key_major
 from .decode import append_attention, decode_attention
 from .fp8_gemm import fp8_gemm
 from .norm import rmsnorm_fp8
@@ -20,5 +20,6 @@ __all__ = [
     "rope_cache",
     "rope_kv_cache_",
     "silu_mul_fp8",
+    "v_key_major",
     "value_checks",
 ]

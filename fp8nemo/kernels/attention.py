@@ -4,7 +4,8 @@ length batches, optional LSE; fp16/bf16, or e4m3 Q/K/V with descales. Registered
 
 Shapes:
     q      [B, S, Hq, D]  or packed [T, Hq, D] with cu_seqlens [B + 1] int32 and max_seqlen
-    k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16
+    k, v   [B, S, Hk, D]  or packed [T, Hk, D];  Hq % Hk == 0;  D <= 256, a multiple of 16;
+           unit stride along D, or for an e4m3 v along keys (key-major, from v_key_major)
     out    like q (bf16 for e4m3 input);  lse [B, Hq, S] or [Hq, T] fp32, natural log
     q/k/v_descale  [B, Hk] or one element fp32 (e4m3 only), positive: x ~= x_fp8 * descale
 
@@ -50,6 +51,8 @@ P_SCALE = tl.constexpr(256.0)
 LOG2E = tl.constexpr(math.log2(math.e))  # softmax runs in base 2 (exp2)
 # Keys and columns per step of the exact pass (_store_exact): small tiles, for its registers.
 EXACT_BLOCK = tl.constexpr(32)
+# Key tiles of a key-major V start on multiples of this many tokens (16 bytes of e4m3).
+KEY_ALIGN = tl.constexpr(16)
 LN2 = tl.constexpr(math.log(2.0))
 
 
@@ -107,18 +110,25 @@ def _nonfinite(x):
 
 @triton.jit
 def _attn_range(
-    acc, l, m, q, k_base, v_base, stride_ks, stride_vs,
-    qi, seqlen, window, scale, lo, hi, full_lo, full_hi,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr,
+    acc, l, m, q, k_base, v_base, stride_ks, stride_vs, stride_vd,
+    qi, seqlen, window, scale, lo, hi, full_lo, full_hi, first,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr, V_KEY_MAJOR: tl.constexpr,
     OFFSET_64: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi). Blocks outside [full_lo, full_hi) hold some key past
     # the sequence, after a query (causal) or before its window, and are masked; the branch is
     # uniform per block, so the blocks in between skip the mask's arithmetic. (Two loops would
     # do the same without a branch, but the second copy of the loop costs ~70 registers.)
+    # A key-major V (V_KEY_MAJOR) is loaded in whole groups of KEY_ALIGN keys, so that its mask
+    # is constant over each 16-byte vector (the launcher checks its storage holds them), and
+    # the keys before `first` precede the sequence and are hidden too.
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = (d < HEAD_DIM)[None, :]
+    # V's D stride: 1 (D-contiguous, the common case) is a constant to Triton; a key-major V
+    # (stride_vs == 1) has a large one that can overflow int32 offsets.
+    d_off = d.to(tl.int64) if OFFSET_64 else d
+    v_end = tl.cdiv(seqlen, KEY_ALIGN) * KEY_ALIGN if V_KEY_MAJOR else seqlen
     for n0 in range(lo, hi, BLOCK_N):
         kj = n0 + offs_n
         # int32 offsets within a sequence (the launcher checks they fit): int64 ones would hold
@@ -129,6 +139,8 @@ def _attn_range(
         s = tl.dot(q, tl.trans(k)) * scale
         if (n0 < full_lo) | (n0 >= full_hi):
             ok = _visible(qi[:, None], kj[None, :], seqlen, window, CAUSAL, WINDOW)
+            if V_KEY_MAJOR:
+                ok = ok & (kj >= first)[None, :]
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf.
@@ -136,7 +148,9 @@ def _attn_range(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kj_off * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        v_mask = d_ok & (kj < v_end)[:, None] if V_KEY_MAJOR else kv_mask
+        v = tl.load(v_base + kj_off * stride_vs + d_off[None, :] * stride_vd, mask=v_mask,
+                    other=0.0)  # fmt: skip
         if FP8:
             pv = tl.dot((p * P_SCALE).to(tl.float8e4nv), v)
         else:
@@ -148,7 +162,7 @@ def _attn_range(
 
 @triton.jit
 def _store_exact(
-    o_rows, q_rows, row_ok, k_base, v_base, stride_ks, stride_vs,
+    o_rows, q_rows, row_ok, k_base, v_base, stride_ks, stride_vs, stride_vd,
     qi, seqlen, window, scale, m, l, out_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr, OFFSET_64: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
@@ -183,7 +197,9 @@ def _store_exact(
                 s += tl.dot(q, tl.trans(k.to(q.dtype)))
             seen = _visible(qi[:, None], kj[None, :], seqlen, window, CAUSAL, WINDOW)
             p = tl.where(seen, tl.math.exp2(s * scale - m_safe[:, None]), 0.0)
-            v = tl.load(v_base + kj_off * stride_vs + dc[None, :], mask=dc_ok & in_seq, other=0.0)
+            dc_off = dc.to(tl.int64) if OFFSET_64 else dc
+            v = tl.load(v_base + kj_off * stride_vs + dc_off[None, :] * stride_vd,
+                        mask=dc_ok & in_seq, other=0.0)  # fmt: skip
             bad = _nonfinite(v)
             if FP8:
                 v = tl.where(bad, 0.0, v.to(tl.float32)).to(v.dtype)
@@ -203,12 +219,13 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, q_desc_ptr, k_desc_ptr, v_desc_ptr,
     S, T, G, window, softmax_scale, stride_cu,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
     stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, FP8: tl.constexpr,
-    STORE_LSE: tl.constexpr, OFFSET_64: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    V_KEY_MAJOR: tl.constexpr, STORE_LSE: tl.constexpr, OFFSET_64: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
     b = tl.program_id(1)
@@ -242,28 +259,43 @@ def _attention_kernel(
         q_desc = tl.load(q_desc_ptr + b * stride_qdb + kvh * stride_qdh)
         scale = scale * q_desc * tl.load(k_desc_ptr + b * stride_kdb + kvh * stride_kdh)
 
+    # The key loop counts keys from token key0. A key-major V is read along keys, and a packed
+    # sequence may start at any token: with V_KEY_MAJOR the key tiles start at the KEY_ALIGN
+    # boundary before it, so V's loads stay 16-byte aligned (async copies into shared memory in
+    # the layout the MMA reads), and the `pad` keys before the sequence are masked. Key j of the
+    # sequence is then key j + pad of the loop, and its query i is at i + pad.
+    key0 = start
+    pad = 0
+    if V_KEY_MAJOR:
+        key0 = start // KEY_ALIGN * KEY_ALIGN
+        pad = start - key0
+    q0k = q0 + pad
+    nk = seqlen + pad
     # Keys [lo, hi) are visible to some row; inside [full_lo, full_hi) to every row.
-    hi = seqlen
-    full_hi = seqlen // BLOCK_N * BLOCK_N
+    hi = nk
+    full_hi = nk // BLOCK_N * BLOCK_N
     if CAUSAL:
-        hi = min(seqlen, q0 + BLOCK_Q)
-        full_hi = min(full_hi, (q0 + 1) // BLOCK_N * BLOCK_N)
+        hi = min(nk, q0k + BLOCK_Q)
+        full_hi = min(full_hi, (q0k + 1) // BLOCK_N * BLOCK_N)
     lo = 0
     full_lo = 0
     if WINDOW:
-        lo = max(0, q0 - window + 1) // BLOCK_N * BLOCK_N
-        full_lo = tl.cdiv(max(0, q0 + BLOCK_Q - window), BLOCK_N) * BLOCK_N
+        lo = max(0, q0k - window + 1) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(max(0, q0k + BLOCK_Q - window), BLOCK_N) * BLOCK_N
+    if V_KEY_MAJOR:  # a first tile with pad keys is masked
+        full_lo = max(full_lo, tl.cdiv(pad, BLOCK_N) * BLOCK_N)
     full_lo = min(max(full_lo, lo), hi)
     full_hi = max(full_hi, full_lo)
 
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + start.to(tl.int64) * stride_ks + kvh * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + start.to(tl.int64) * stride_vs + kvh * stride_vh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + key0.to(tl.int64) * stride_ks + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + key0.to(tl.int64) * stride_vs + kvh * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     acc, l, m = _attn_range(
-        acc, l, m, q, k_base, v_base, stride_ks, stride_vs, qi, seqlen, window, scale,
-        lo, hi, full_lo, full_hi, CAUSAL, WINDOW, FP8, OFFSET_64, HEAD_DIM, BLOCK_N, BLOCK_D,
+        acc, l, m, q, k_base, v_base, stride_ks, stride_vs, stride_vd, qi + pad, nk, window, scale,
+        lo, hi, full_lo, full_hi, pad, CAUSAL, WINDOW, FP8, V_KEY_MAJOR, OFFSET_64, HEAD_DIM,
+        BLOCK_N, BLOCK_D,
     )  # fmt: skip
 
     l_safe = tl.where(l == 0.0, 1.0, l)
@@ -280,7 +312,8 @@ def _attention_kernel(
     if flag != flag:
         _store_exact(
             o_rows, q_ptr + (b.to(tl.int64) * stride_qb + head * stride_qh) + tok * stride_qs,
-            row_ok, k_base, v_base, stride_ks, stride_vs, qi, seqlen, window, scale,
+            row_ok, k_base + pad * stride_ks, v_base + pad * stride_vs, stride_ks, stride_vs,
+            stride_vd, qi, seqlen, window, scale,
             m, l_safe, out_scale, CAUSAL, WINDOW, FP8, OFFSET_64, HEAD_DIM, BLOCK_D,
             EXACT_BLOCK, EXACT_BLOCK if BLOCK_D > EXACT_BLOCK else BLOCK_D,
         )  # fmt: skip
@@ -424,7 +457,15 @@ def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != (3 if packed else 4):
             raise ValueError(f"{name} must be {layout}; got shape {list(t.shape)}")
-        if t.stride(-1) != 1:
+        if name == "v" and q.dtype == fp8_ref.E4M3:
+            if t.stride(-1) != 1 and t.stride(-3) != 1:
+                raise ValueError(
+                    f"v must have unit stride along D, or along keys (key-major, as "
+                    f"v_key_major gives it); got strides {list(t.stride())}"
+                )
+            if _key_major(t):
+                _check_key_major_room(t)
+        elif t.stride(-1) != 1:
             raise ValueError(
                 f"{name} must have unit stride along D; got strides {list(t.stride())}"
             )
@@ -459,6 +500,46 @@ def _check_args(q, k, v, causal, softmax_scale, window, cu_seqlens, max_seqlen,
     return B
 
 
+def _key_major(v):
+    """Whether v's keys are contiguous and its D is not: the layout v_key_major gives."""
+    return v.stride(-3) == 1 and v.stride(-1) != 1
+
+
+def _check_key_major_room(v):
+    """The kernel reads a key-major v in whole groups of KEY_ALIGN keys (its mask then stays
+    constant over each 16-byte vector): its storage must reach the keys rounded up to that."""
+    keys, align = v.shape[-3], KEY_ALIGN.value
+    extra = -keys % align
+    if extra == 0 or v.numel() == 0:
+        return
+    last = v.storage_offset() + sum((n - 1) * st for n, st in zip(v.shape, v.stride(), strict=True))
+    room = v.untyped_storage().nbytes() // v.element_size()
+    if last + extra >= room:
+        raise ValueError(
+            f"v is key-major with {keys} keys, read in groups of {align}: its storage must hold "
+            f"{extra} more elements past its last key (v_key_major pads each row of keys to a "
+            f"multiple of {align}); it ends {room - 1 - last} past it"
+        )
+
+
+def v_key_major(v: torch.Tensor) -> torch.Tensor:
+    """v `[B, S, Hk, D]` (or packed `[T, Hk, D]`) with the same values in key-major memory: a
+    view of `[B, Hk, D, S']` (or `[Hk, D, T']`) storage, S' = S rounded up to a multiple of 16
+    so that every row of keys starts 16-byte aligned. The FP8 prefill path's V: Hopper's FP8 MMA
+    takes P @ V's V with keys contiguous only, so a D-contiguous V tile goes through a transpose
+    in shared memory on every step of the key loop, and this layout loads without one. One
+    copy of V (S * Hk * D bytes in e4m3), far below the attention's own cost at prefill sizes."""
+    check_tensor("v", v)
+    if v.dim() not in (3, 4):
+        raise ValueError(f"v must be [B, S, Hk, D] or packed [T, Hk, D]; got shape {list(v.shape)}")
+    keys = v.shape[-3]
+    padded = triton.cdiv(keys, KEY_ALIGN.value) * KEY_ALIGN.value
+    store = v.new_empty(*v.shape[:-3], *v.shape[-2:], padded)  # [..., Hk, D, S']
+    store[..., keys:].zero_()  # read (and hidden) in the last group of keys: no NaN there
+    out = store[..., :keys].movedim(-1, -3)
+    return out.copy_(v)
+
+
 def _out_shapes(q, B):
     packed = q.dim() == 3
     lse_shape = (q.shape[1], q.shape[0]) if packed else (B, q.shape[2], q.shape[1])
@@ -485,19 +566,24 @@ def _launches(q, k, v, out, lse, causal, softmax_scale, window, cu_seqlens, max_
     q_d, k_d, v_d = descales
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     grid = (triton.cdiv(S, block_q), B, Hk)
-    offset_64 = (S + config.meta["BLOCK_N"]) * max(k.stride(-3), v.stride(-3)) >= 2**31
+    block_n, block_d = config.meta["BLOCK_N"], triton.next_power_of_2(D)
+    # The largest K/V offset within a sequence (a key-major V's packed tiles start up to
+    # KEY_ALIGN - 1 keys early) must fit int32, else the kernel forms them in int64.
+    span = (S + block_n + KEY_ALIGN.value) * max(k.stride(-3), v.stride(-3)) + block_d * v.stride(
+        -1
+    )
+    offset_64 = span >= 2**31
     return [
         launch(
             _attention_kernel, grid,
             q, k, v, out, lse, cu_seqlens, q_d, k_d, v_d,
             S, q.shape[0] if packed else 0, G, window if window is not None else 0, scale,
             cu_seqlens.stride(0) if packed else 0,
-            *lead(q), *lead(k), *lead(v), *lead(out), *lse_strides,
+            *lead(q), *lead(k), *lead(v), v.stride(-1), *lead(out), *lse_strides,
             *descale_strides(q_d), *descale_strides(k_d), *descale_strides(v_d),
             CAUSAL=causal, WINDOW=window is not None, VARLEN=packed, FP8=fp8,
-            STORE_LSE=lse is not None, OFFSET_64=offset_64, HEAD_DIM=D,
-            GP=GP, BLOCK_Q=block_q, BLOCK_N=config.meta["BLOCK_N"],
-            BLOCK_D=triton.next_power_of_2(D),
+            V_KEY_MAJOR=_key_major(v), STORE_LSE=lse is not None, OFFSET_64=offset_64,
+            HEAD_DIM=D, GP=GP, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     ]  # fmt: skip
@@ -606,23 +692,28 @@ def aot_specs(cap: int):
             fp8 = dtype == fp8_ref.E4M3
             for i, config in enumerate(configs_for((cap // 10, cap % 10), D, fp8)):
                 mma = ("QGMMA" if hopper else "QMMA") if fp8 else ("HGMMA" if hopper else "HMMA")
-                variants = [("causal", None, False)]
+                variants = [("causal", None, False, False)]
+                if fp8:
+                    variants += [("vkeymajor causal", None, False, True)]
                 if i == 0 and D == 128:
-                    variants += [("window 4096", 4096, False), ("packed", None, True)]
-                for label, window, packed in variants:
+                    variants += [("window 4096", 4096, False, False), ("packed", None, True, False)]
+                    if fp8:
+                        variants += [("vkeymajor packed", None, True, True)]
+                for label, window, packed, keymajor in variants:
                     B, S, T = (1, 4096, 4096) if not packed else (4, 4096, 16384)
                     shape_q, shape_kv = (
                         ((T, 32, D), (T, 8, D)) if packed else ((B, S, 32, D), (B, S, 8, D))
                     )
                     q = torch.empty(shape_q, dtype=dtype, device="meta")
                     k = torch.empty(shape_kv, dtype=dtype, device="meta")
+                    v = v_key_major(k) if keymajor else k
                     out = torch.empty(shape_q, dtype=torch.bfloat16, device="meta")
                     lse = torch.empty((32, T) if packed else (B, 32, S), device="meta")
                     cu = torch.empty(B + 1, dtype=torch.int32, device="meta") if packed else None
                     desc = torch.empty(B, 8, device="meta") if fp8 else None
                     max_seqlen = S if packed else None
                     launches = _launches(
-                        q, k, k, out, lse, True, None, window, cu, max_seqlen, (desc,) * 3, config
+                        q, k, v, out, lse, True, None, window, cu, max_seqlen, (desc,) * 3, config
                     )
                     name = f"{config.name} d{D} {str(dtype).removeprefix('torch.')} {label}"
                     specs += [AotSpec("flash_attention", name, step, mma) for step in launches]

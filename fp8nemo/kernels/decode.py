@@ -221,7 +221,7 @@ def _decode_kernel(
             n_lo = max(split * chunk, lo)
             _store_exact(
                 o_rows, q_ptr + q_rows, row_ok, k_base + n_lo.to(tl.int64) * stride_ks,
-                v_base + n_lo.to(tl.int64) * stride_vs, stride_ks, stride_vs, qpos - n_lo,
+                v_base + n_lo.to(tl.int64) * stride_vs, stride_ks, stride_vs, 1, qpos - n_lo,
                 n_end - n_lo, window, scale, m, l_safe, out_scale, True, WINDOW, False,
                 OFFSET_64, HEAD_DIM, BLOCK_D, EXACT_BLOCK,
                 EXACT_BLOCK if BLOCK_D > EXACT_BLOCK else BLOCK_D,
