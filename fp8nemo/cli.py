@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from fp8nemo.utils import text_table
+
 # fp8nemo.bench's suites and GEMM layers, spelled here so --help needs no torch import
 SUITES = ("gemm", "attention", "decode", "rope", "e2e", "quantize")
 NEMO_LAYERS = ("qkv", "o", "gate_up", "down")
@@ -329,9 +331,7 @@ def _tune(args) -> int:
         return _error(f"{err.filename or args.model}: {err.strerror or err}")
     rows = [("op", "key", "config", "source")]
     rows += [(d.op, d.key, d.config, d.source) for d in result.decisions]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("\n".join(text_table(rows)))
     counts = {s: sum(d.source == s for d in result.decisions) for s in ("tuned", "cached")}
     print(
         f"\n{counts['tuned']} tuned now, {counts['cached']} already cached, "

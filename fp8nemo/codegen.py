@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
+from fp8nemo.utils import text_table
+
 if TYPE_CHECKING:
     from fp8nemo.kernels._triton import AotSpec
 
@@ -276,7 +278,4 @@ def format_table(rows: list[dict]) -> str:
                 status,
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return "\n".join(text_table(lines))

@@ -48,11 +48,11 @@ def cases(on_gpu: bool, shapes: Iterable[str] | None = None, ms: Iterable[int] |
 def run_case(env, device, name, M, N, K, out_dtype=torch.bfloat16) -> list:
     """Our fp8_gemm with each scale scheme, torch._scaled_mm per-tensor and rowwise (with and
     without fast accumulation), and bf16 torch.matmul, all on the same random bf16 activations
-    and weights. Where a device has more than one config family for the shape (Hopper's
-    pointer and TMA/persistent loops, at M > 64), each family is also timed alone, promoted
-    and with fast_accum, so one GPU run says which loop to keep."""
+    and weights. Where a device has more than one main-loop family for the shape (Hopper at
+    M > 64: pointer, overlap, TMA, TMA + overlap), each is also timed alone, and with
+    fast_accum, so one GPU run says which loop to keep."""
     from fp8nemo.kernels import fp8_gemm
-    from fp8nemo.kernels.fp8_gemm import candidate_configs, fp8_gemm_family
+    from fp8nemo.kernels.fp8_gemm import FAMILIES, candidate_configs, fp8_gemm_family
 
     gen = torch.Generator(device=device).manual_seed(M * 7 + N * 3 + K)
     x = torch.randn(M, K, device=device, generator=gen).to(torch.bfloat16)
@@ -70,9 +70,10 @@ def run_case(env, device, name, M, N, K, out_dtype=torch.bfloat16) -> list:
         ours = functools.partial(fp8_gemm, a, a_s, b, b_s, out_dtype=out_dtype)
         measure(env, device, rows, case, "fp8nemo", scheme, ours, flops, nbytes, True, check)
         block = scheme == "block"
-        families = [f for f in ("pointer", "tma") if candidate_configs(a, b, block, f)]
+        families = [f for f in FAMILIES if candidate_configs(a, b, block, f)]
         for family in families if len(families) > 1 else ():
-            for fast in (False,) if block else (False, True):
+            # an overlap loop with fast_accum is its plain twin's: nothing to promote
+            for fast in (False,) if block or FAMILIES[family][1] else (False, True):
                 impl = f"fp8nemo {family}" + (" fast_accum" if fast else "")
                 fn = functools.partial(
                     fp8_gemm_family, a, a_s, b, b_s, family, fast, out_dtype=out_dtype

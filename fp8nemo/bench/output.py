@@ -7,6 +7,8 @@ import csv
 import os
 from dataclasses import asdict
 
+from fp8nemo.utils import text_table
+
 from .harness import CORRECTNESS_ONLY, Environment, Row, fmt
 
 COLUMNS = [
@@ -82,11 +84,7 @@ def format_table(env: Environment, rows: list[Row]) -> str:
             fmt(r.gbps, ".0f"), fmt(r.roofline_pct, ".0f"),
             fmt(r.rel_err, ".1e") if not r.note else r.note[:40],
         ))  # fmt: skip
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    lines = [head, ""] + [
-        "  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table
-    ]
-    return "\n".join(lines)
+    return "\n".join([head, "", *text_table(table, "right")])
 
 
 def format_markdown(env: Environment, rows: list[Row]) -> str:
@@ -165,7 +163,4 @@ def format_compare(rows: list[dict]) -> str:
         theirs = [v for k, v in vals.items() if not k.startswith("fp8nemo") and v]
         ratio = f"{max(ours) / max(theirs):.2f}" if ours and theirs else "-"
         table.append([shape, dims, *(fmt(vals.get(k), ".0f") for k in labels), ratio])
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = [f"{rows[0]['suite']}: {UNITS[metric]} (median)"]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
-    return "\n".join(lines)
+    return "\n".join([f"{rows[0]['suite']}: {UNITS[metric]} (median)", *text_table(table, "right")])

@@ -605,13 +605,22 @@ def _launch(a, a_scale, a_kind, b, b_scale, b_kind, bias, out, config, fast_accu
 _tuner = Autotuner("fp8_gemm")
 
 
+# The main-loop families (README, "The GEMM's main loops on Hopper"): (TMA, OVERLAP) meta.
+FAMILIES = {
+    "pointer": (False, False),
+    "overlap": (False, True),
+    "tma": (True, False),
+    "tma-overlap": (True, True),
+}
+
+
 def candidate_configs(a, b, block_scaled, family=None):
-    """The pruned configs for this device and problem, in preference order; `family`
-    ("pointer" or "tma"), if given, keeps only those that load that way."""
+    """The pruned configs for this device and problem, in preference order; `family` (a name
+    in FAMILIES), if given, keeps only that main loop's."""
     M, K = a.shape
     configs = configs_for(capability(a.device))
     if family is not None:
-        configs = [c for c in configs if c.meta["TMA"] == (family == "tma")]
+        configs = [c for c in configs if (c.meta["TMA"], c.meta["OVERLAP"]) == FAMILIES[family]]
     sms = num_sms(a.device)
     return prune_configs(configs, M, b.shape[0], K, block_scaled, sms, tma_ready(a, b))
 
@@ -684,10 +693,10 @@ def fp8_gemm(
 
 
 def fp8_gemm_family(a, a_scale, b, b_scale, family, fast_accum=False, out_dtype=torch.bfloat16):
-    """fp8_gemm tuned among one config family only ("pointer" or "tma"): the benchmark's way
-    to time today's loop beside the TMA/persistent one at one shape."""
-    if family not in ("pointer", "tma"):
-        raise ValueError(f"family must be 'pointer' or 'tma'; got {family!r}")
+    """fp8_gemm tuned among one main-loop family's configs (FAMILIES): the benchmark's way to
+    time each loop alone at one shape."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}")
     return _fp8_gemm_impl(a, a_scale, b, b_scale, None, out_dtype, fast_accum, family)
 
 

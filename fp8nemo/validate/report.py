@@ -24,6 +24,7 @@ from fp8nemo.quant.checkpoint import read_checkpoint
 from fp8nemo.quant.convert import load_calibration, quantize_checkpoint
 from fp8nemo.quant.files import CheckpointError
 from fp8nemo.utils import progress as show_progress
+from fp8nemo.utils import text_table
 
 from .metrics import LogitStats, TensorStats, divergence, in_top_k
 
@@ -450,17 +451,6 @@ def _layer_heads(report: dict) -> list[str]:
     return [*heads, "twin SQNR dB"] if "twin" in report else heads
 
 
-def _text_table(heads: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned first column, the rest right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(heads, *rows, strict=True)]
-
-    def line(row):
-        cells = [str(x).rjust(w) for x, w in zip(row, widths, strict=True)]
-        return "  ".join([str(row[0]).ljust(widths[0]), *cells[1:]])
-
-    return [line(heads), *(line(r) for r in rows)]
-
-
 def _md_table(heads: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
     return out + ["| " + " | ".join(r) + " |" for r in rows]
@@ -483,9 +473,10 @@ def format_table(report: dict) -> str:
     if "twin" in report:
         lines.append("the built-in quantisation-aware model, beside its twin trained without QAT")
     lines += report["notes"]
-    lines += ["", *_text_table(_layer_heads(report), _layers(report)), ""]
-    lines += _text_table(["", *(h for h, _ in _columns(report))], _summary(report))
-    lines += ["", *_text_table(*_generation(report))]
+    lines += ["", *text_table([_layer_heads(report), *_layers(report)], "label"), ""]
+    lines += text_table([["", *(h for h, _ in _columns(report))], *_summary(report)], "label")
+    heads, rows = _generation(report)
+    lines += ["", *text_table([heads, *rows], "label")]
     return "\n".join(lines)
 
 
