@@ -157,7 +157,11 @@ def test_validate_defaults_to_the_builtin_model_beside_its_twin(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "fp8nemo validate builtin" in proc.stdout and "non-QAT twin" in proc.stdout
-    assert "| twin SQNR dB |" in md.read_text() and "| non-QAT twin |" in md.read_text()
+    text = md.read_text()
+    assert "| twin SQNR dB |" in text and "| non-QAT twin |" in text
+    assert "| KL(ref \\|\\| fp8) mean |" in text  # one cell, not three
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert rows and all(line.replace("\\|", "").count("|") == 4 for line in rows[:3])
     assert png.stat().st_size > 0
     r = json.loads(out.read_text())
     assert r["settings"]["model"] == "builtin" and r["twin"]["model"] == "builtin-twin"

@@ -8,10 +8,13 @@ Shapes (the kernel computes C[m, n] = sum_k A[m, k] B[n, k]):
     bias     [N]     out  [M, N] bf16 / fp16 / fp32
 
 Every 128-wide K-tile is promoted into an fp32 accumulator: Hopper's FP8 MMA accumulates in
-about 14 bits, and Triton would otherwise chain the whole K loop through it. Decode (M <= 64)
-swaps the operands: the weight fills the MMA's 64-row side, the few tokens its narrow side, and
-the kernel writes C transposed (swap-AB). Split-K programs write fp32 partials that one small
-kernel sums in a fixed order (deterministic), adding the bias.
+about 14 bits, and Triton would otherwise chain the whole K loop through it (what fast_accum
+asks for). Decode (M <= 64) swaps the operands: the weight fills the MMA's 64-row side, the few
+tokens its narrow side, and the kernel writes C transposed (swap-AB). Split-K programs write
+fp32 partials that one small kernel sums in a fixed order (deterministic), adding the bias.
+On Hopper the autotuner also times overlap configs, which keep one half-tile's MMA in flight
+through the other's promotion, and TMA configs (_fp8_gemm_tma_kernel: tensor-descriptor loads
+on a persistent grid); _gemm_tile is the K loop all of them share.
 """
 
 from __future__ import annotations
@@ -187,18 +190,16 @@ def _scale_block(
     row0_a and row0_b."""
     # A tile no taller than a 128-row scale block lies inside one: a single scale, which saves
     # the registers of a per-row vector.
+    a_scale_ptr += kt * stride_ask
+    b_scale_ptr += kt * stride_bsk
     if A_SCALE_ROWS % BLOCK_M == 0:
-        a_s = tl.load(a_scale_ptr + (row0_a // A_SCALE_ROWS) * stride_asm + kt * stride_ask)
+        a_s = tl.load(a_scale_ptr + (row0_a // A_SCALE_ROWS) * stride_asm)
     else:
-        a_s = tl.load(a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm + kt * stride_ask)[
-            :, None
-        ]
+        a_s = tl.load(a_scale_ptr + (rows_a // A_SCALE_ROWS) * stride_asm)[:, None]
     if B_SCALE_ROWS % BLOCK_N == 0:
-        b_s = tl.load(b_scale_ptr + (row0_b // B_SCALE_ROWS) * stride_bsn + kt * stride_bsk)
+        b_s = tl.load(b_scale_ptr + (row0_b // B_SCALE_ROWS) * stride_bsn)
     else:
-        b_s = tl.load(b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn + kt * stride_bsk)[
-            None, :
-        ]
+        b_s = tl.load(b_scale_ptr + (rows_b // B_SCALE_ROWS) * stride_bsn)[None, :]
     return part * a_s * b_s
 
 

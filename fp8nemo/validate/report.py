@@ -452,8 +452,12 @@ def _layer_heads(report: dict) -> list[str]:
 
 
 def _md_table(heads: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
+    """A markdown table; a `|` inside a cell (`KL(ref || fp8)`) is escaped, not a column."""
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(heads), "|---|" + "---:|" * (len(heads) - 1), *(line(r) for r in rows)]
 
 
 def _generation(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -485,7 +489,8 @@ def format_markdown(report: dict) -> str:
     out = [f"# fp8nemo validate `{s['model']}`", "",
            f"{_title(report)}; versions "
            + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]  # fmt: skip
-    out += [f"> {n}" for n in report["notes"]]
+    # a blank line ends the quote: a table right after it would be quoted too
+    out += [*(f"> {n}" for n in report["notes"]), ""] if report["notes"] else []
     out += _md_table(["metric", *(h for h, _ in _columns(report))], _summary(report))
     out += ["", *_md_table(_layer_heads(report), _layers(report))]
     out += ["", *_md_table(*_generation(report))]
