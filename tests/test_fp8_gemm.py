@@ -225,17 +225,25 @@ def test_one_config_family(gen, device):
         G.fp8_gemm_family(*ops[:4], "cutlass")
 
 
-def test_tma_configs_need_aligned_operands(gen):
+def test_tma_configs_need_aligned_operands(gen, device):
     """TMA loads from 16-byte aligned bases and row strides: with an operand that is not (a
-    view at an odd offset) only the pointer configs are left."""
+    view at an odd offset) only the pointer configs are left, and the two never share a
+    tuning (nor does fast_accum): an unaligned call has a key of its own."""
     M, N, K = 300, 256, 512
-    a, _, b, _, _ = make_operands(M, N, K, ("token", "channel"), gen, "cpu")
-    shifted = torch.empty(M * K + 8, dtype=torch.uint8)[8:].view(E4M3).view(M, K)
+    a, a_s, b, b_s, _ = make_operands(M, N, K, ("token", "channel"), gen, device)
+    shifted = torch.empty(M * K + 8, dtype=torch.uint8, device=device)[8:]
+    shifted = shifted.view(E4M3).view(M, K).copy_(a)
     assert G.tma_ready(a, b) and not G.tma_ready(shifted, b)
     kept = G.prune_configs(G.HOPPER_CONFIGS, M, N, K, False, 132, G.tma_ready(a, b))
     assert any(c.meta["TMA"] for c in kept) and not all(c.meta["TMA"] for c in kept)
     kept = G.prune_configs(G.HOPPER_CONFIGS, M, N, K, False, 132, G.tma_ready(shifted, b))
     assert kept and not any(c.meta["TMA"] for c in kept)
+    ref, bound = bound_and_ref(a, a_s, b, b_s, None, ("token", "channel"), torch.float32, 128)
+    G._tuner.cache.clear()
+    for x in (a, shifted):
+        assert_within(fp8_gemm(x, a_s, b, b_s, out_dtype=torch.float32), ref, bound, "aligned")
+    fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32, fast_accum=True)
+    assert [k[8:] for k in G._tuner.cache] == [(), ("unaligned",), ("fast_accum",)]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs 2 GB of device memory and a GPU's speed")
