@@ -143,8 +143,8 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> dict | None:
     (`WARPGROUP.DEPBAR.LE gsb0, N`: N wgmma groups may stay in flight, so 0 idles the tensor
     cores until the MMA drains), its TMA loads, async copies and shared-memory stores, and,
     from the loop run twice in program order: the wgmma groups still in flight when it
-    branches back, and the fp32 instructions it issues while a committed group is in flight
-    (the promotion or softmax work the tensor cores overlap)."""
+    branches back, and the fp32 instructions it issues while a wgmma runs (the promotion or
+    softmax work the tensor cores overlap)."""
     loops = []
     for addr, op, rest in instructions:
         target = re.fullmatch(r"(0x[0-9a-f]+)", rest.split()[-1]) if op == "BRA" else None
