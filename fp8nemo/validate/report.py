@@ -32,7 +32,8 @@ from .metrics import LogitStats, TensorStats, divergence, in_top_k
 # "builtin" is the quantisation-aware one, validated beside its twin trained without QAT;
 # "builtin-twin" is the twin alone.
 BUILTIN, BUILTIN_TWIN = "builtin", "builtin-twin"
-BUILTIN_FOLDERS = {BUILTIN: "qat", BUILTIN_TWIN: "twin"}
+BUILTIN_FOLDERS = {BUILTIN: "qat", BUILTIN_TWIN: "twin"}  # folders in BUILTIN_DIR
+BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "builtin")
 DEFAULT_MODEL = BUILTIN
 # Text every machine has: Python standard library sources (a fixed list, read in this order).
 # Evaluation and calibration files are disjoint.
@@ -62,9 +63,14 @@ class Settings:
 # --- data ------------------------------------------------------------------------------------
 
 
+def stdlib_root() -> str:
+    """This Python's standard library folder, where the evaluation text comes from."""
+    return os.path.dirname(os.__file__)
+
+
 def stdlib_text(files=EVAL_FILES) -> str:
     """The named standard-library sources concatenated (those this Python lacks skipped)."""
-    root = os.path.dirname(os.__file__)
+    root = stdlib_root()
     parts = []
     for name in files:
         path = os.path.join(root, name)
@@ -122,7 +128,7 @@ def windows(ids: torch.Tensor, window: int, max_tokens: int) -> list[torch.Tenso
 
 def builtin_path(name: str = BUILTIN) -> str:
     """The checkpoint folder of a built-in model ("builtin" or "builtin-twin")."""
-    return os.path.join(os.path.dirname(__file__), "builtin", BUILTIN_FOLDERS[name])
+    return os.path.join(BUILTIN_DIR, BUILTIN_FOLDERS[name])
 
 
 def _source(settings: Settings, work: str) -> str:

@@ -32,7 +32,7 @@ from fp8nemo.model.transformer import build_model
 from fp8nemo.quant.files import CheckpointWriter
 from fp8nemo.quant.qat import convert_qat, prepare_qat
 
-from .report import CALIB_FILES, EVAL_FILES
+from .report import BUILTIN_DIR, BUILTIN_FOLDERS, CALIB_FILES, EVAL_FILES, stdlib_root
 
 # NeMo's quirks, shrunk: GQA 4:1, head_dim 64 != 256 / 8, theta 1e6, SwiGLU, RMSNorm, untied.
 CONFIG = ModelConfig(
@@ -48,12 +48,7 @@ STEPS = 1500  # what trained the shipped models
 LR, WARMUP, MIN_LR_FRACTION = 2e-3, 50, 0.1
 WEIGHT_DECAY, CLIP = 0.1, 1.0
 EVAL_TOKENS = 16384  # held-out tokens the recorded eval loss is measured on
-BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "builtin")
-KINDS = ("qat", "twin")
-
-
-def stdlib_root() -> str:
-    return os.path.dirname(os.__file__)
+KINDS = tuple(BUILTIN_FOLDERS.values())  # ("qat", "twin")
 
 
 def training_files(root: str | None = None) -> list[str]:
